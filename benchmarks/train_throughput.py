@@ -1,0 +1,175 @@
+r"""Train-step throughput and achieved FLOP/s against this machine's measured matmul peak.
+
+  python benchmarks/train_throughput.py [--configs=small,100m] [--steps=5] \
+      [--output=results/train_throughput.md]
+
+For each config: compile the real train step (``user_llm.train.make_train_step``: forward,
+backward, AdamW update) on a synthetic batch, read its FLOPs from XLA's cost analysis, time
+``--steps`` steps, and report tokens/s and achieved FLOP/s as a fraction of the dense-matmul
+peak measured in the same run (the best of several float32 ``jnp.dot`` timings). The goal for
+the dense train step is at least 40% of that peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from user_llm import optimizers
+from user_llm.decoder import Decoder, DecoderConfig
+from user_llm.models import DecoderOnlyModel
+from user_llm.train import make_train_step
+
+CONFIGS = {
+    # name: (DecoderConfig kwargs, batch, length)
+    "small": (
+        dict(
+            vocab_size=8192,
+            embed_dim=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            mlp_dim=1024,
+            tie_embeddings=False,
+        ),
+        8,
+        256,
+    ),
+    "100m": (
+        dict(
+            vocab_size=32000,
+            embed_dim=768,
+            num_layers=12,
+            num_heads=12,
+            num_kv_heads=4,
+            head_dim=64,
+            mlp_dim=2048,
+            tie_embeddings=False,
+        ),
+        4,
+        512,
+    ),
+}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 dense matmul FLOP/s over ``repeats`` timings of an n x n x n product."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def measure(name: str, steps: int) -> dict:
+    kwargs, batch, length = CONFIGS[name]
+    cfg = DecoderConfig(**kwargs)
+    model = DecoderOnlyModel(Decoder(cfg))
+    rng = jax.random.PRNGKey(0)
+    params = nn.unbox(model.get_initial_variables(rng, {"decoder_input_tokens": (batch, length)}))[
+        "params"
+    ]
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    schedule = optimizers.constant_schedule(1e-4)
+    tx = optimizers.adamw(schedule)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    tokens = jax.random.randint(rng, (batch, length), 1, cfg.vocab_size)
+    data = {
+        "decoder_input_tokens": tokens,
+        "decoder_target_tokens": jnp.roll(tokens, -1, axis=1),
+        "decoder_loss_weights": jnp.ones_like(tokens),
+    }
+    step = jax.jit(make_train_step(model, tx, schedule, 1, False), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data, rng).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    state, m = compiled(state, data, rng)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, data, rng)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    return {
+        "config": name,
+        "params_millions": n_params / 1e6,
+        "batch": batch,
+        "length": length,
+        "compile_s": compile_s,
+        "step_s_median": step_s,
+        "tokens_per_s": batch * length / step_s,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": flops / step_s / 1e9,
+        "model_gflop_6nd": 6 * n_params * batch * length / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="small,100m")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--output", default="")
+    args = parser.parse_args()
+
+    peak = matmul_peak()
+    rows = []
+    for name in args.configs.split(","):
+        row = measure(name, args.steps)
+        row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / peak
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
+    lines = [
+        "# Train-step throughput",
+        "",
+        f"Command: `python benchmarks/train_throughput.py --configs={args.configs} "
+        f"--steps={args.steps}`",
+        f"Machine: {machine}. Measured float32 matmul peak (2048^3, best of 10): "
+        f"{peak / 1e9:.1f} GFLOP/s.",
+        "",
+        "| config | params (M) | batch x length | step (s, median) | tokens/s | GFLOP/step (XLA) "
+        "| achieved GFLOP/s | fraction of peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['params_millions']:.1f} | {r['batch']} x {r['length']} | "
+            f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {r['step_gflop']:.1f} | "
+            f"{r['achieved_gflops']:.1f} | {r['fraction_of_peak']:.0%} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""user_llm: User-LLM (arXiv 2402.13598) in JAX/Flax, with T5X conventions.
+
+Every dependency is pinned here, in one place. The versions are the set that
+resolves together on Python 3.11 (see docs in ../shared/docs/STACK.md when
+working inside the project workspace).
+"""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "clu==0.0.12",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+    "absl-py==2.5.1",
+    "pandas==3.1.1",
+    "pyarrow==26.0.1",
+    "gguf==0.19.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "tensorboard==2.21.0",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+        "hypothesis==6.170.17",
+        "ruff==0.17.6",
+    ],
+}
+
+setuptools.setup(
+    name="user_llm",
+    version="0.1.0",
+    description="User-LLM: user-embedding contextualization of LLMs, in JAX/Flax",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["user_llm", "user_llm.*", "tasks", "tasks.*"]),
+    package_data={"user_llm": ["data/bundled/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny configs, the shared real-data folder, subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+
+
+def tiny_decoder_config(**overrides):
+    from user_llm.decoder import DecoderConfig
+
+    kw = dict(
+        vocab_size=64,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=64,
+    )
+    kw.update(overrides)
+    return DecoderConfig(**kw)
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_decoder_config()
+
+
+def run_module(args, env_extra=None, timeout=600, check=True, cwd=REPO_ROOT):
+    """Runs ``python -m ...`` (or a script) in a fresh interpreter; returns CompletedProcess."""
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+            f"stderr:\n{proc.stderr[-4000:]}"
+        )
+    return proc

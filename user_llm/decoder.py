@@ -1,0 +1,360 @@
+"""Decoder-only language model, the analogue of T5X's ``examples/decoder_only/network.py``.
+
+The options cover the Llama family that real checkpoints use (RMSNorm, rotary embeddings with a
+configurable theta, grouped-query attention, gated MLPs, tied or untied embeddings, embedding
+scaling) plus the cheap extras of Qwen2 (qkv bias) and Gemma (qk-norm, sandwich norms).
+
+Each ``DecoderLayer`` has a slot for a user context: layers listed in
+``DecoderConfig.cross_attention_layers`` get a gated cross-attention block between
+self-attention and the MLP (the T5X encoder-decoder layer order). With no context the block is
+skipped, and its zero-initialized gate makes it an exact identity at initialization anyway.
+
+Decoding keeps a KV cache of ``cache_length`` slots per example plus a ``key_valid`` mask:
+a right-padded batch of prompts of different lengths is prefilled in one call, pad slots are
+masked out, and per-example positions keep rotary phases exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from user_llm.attention import Attention
+from user_llm.layers import (
+    BATCH_LENGTH_EMBED,
+    Array,
+    DenseGeneral,
+    Embed,
+    GatedMLP,
+    RMSNorm,
+    constrain,
+)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype: Any) -> Any:
+    """Accepts 'float32' / 'bfloat16' (gin-friendly) or a dtype."""
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype {name_or_dtype!r}; use one of {list(_DTYPES)}")
+        return _DTYPES[name_or_dtype]
+    return name_or_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Global hyperparameters of the decoder (T5X's ``TransformerConfig``)."""
+
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    mlp_activation: str = "silu"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = False
+    use_post_norms: bool = False
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    # Indices of layers that get a gated cross-attention block for the user context.
+    cross_attention_layers: tuple[int, ...] = ()
+    # Width of the user context fed to cross-attention (0: same as embed_dim).
+    context_dim: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(
+                f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(f"remat_policy={self.remat_policy!r} not in {list(REMAT_POLICIES)}")
+        bad_layers = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
+        if bad_layers:
+            problems.append(f"cross_attention_layers {bad_layers} outside [0, {self.num_layers})")
+        as_dtype(self.dtype), as_dtype(self.param_dtype)
+        if problems:
+            raise ValueError("Invalid DecoderConfig: " + "; ".join(problems))
+
+
+class GatedCrossAttention(nn.Module):
+    """Flamingo-style block: ``x + tanh(gate) * attn(norm(x), context)``, gate initialized at 0.
+
+    Lives in the decoder layer's user-context slot. ``integration.py`` builds what feeds it.
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array, context_mask: Array | None) -> Array:
+        cfg = self.config
+        dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="pre_cross_attention_norm")(x)
+        mask = None if context_mask is None else context_mask[:, None, :].astype(bool)
+        h = Attention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            rope_theta=None,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="cross_attention",
+        )(h, mask, kv_input=context.astype(dtype))
+        gate = self.param(
+            "gate", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), param_dtype
+        )
+        if context_mask is not None:
+            # A user without any history contributes nothing.
+            h = h * jnp.any(context_mask, axis=-1).astype(h.dtype)[:, None, None]
+        return x + jnp.tanh(gate).astype(h.dtype) * h
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer: self-attention, [user-context block], gated MLP."""
+
+    config: DecoderConfig
+    has_context_block: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        user_context: Array | None,
+        user_context_mask: Array | None,
+        decode: bool,
+        deterministic: bool,
+        cache_index: Array | None,
+    ) -> Array:
+        cfg = self.config
+        dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+        norm = lambda name: RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
+        dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+
+        h = norm("pre_self_attention_norm")(x)
+        h = Attention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            rope_theta=cfg.rope_theta,
+            use_bias=cfg.use_qkv_bias,
+            use_qk_norm=cfg.use_qk_norm,
+            norm_eps=cfg.norm_eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="self_attention",
+        )(h, mask, positions, decode=decode, cache_index=cache_index)
+        if cfg.use_post_norms:
+            h = norm("post_self_attention_norm")(h)
+        x = x + dropout(h, deterministic=deterministic)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+
+        if self.has_context_block and user_context is not None:
+            x = GatedCrossAttention(cfg, name="context_block")(x, user_context, user_context_mask)
+
+        h = norm("pre_mlp_norm")(x)
+        h = GatedMLP(cfg.mlp_dim, cfg.mlp_activation, dtype, param_dtype, name="mlp")(h)
+        if cfg.use_post_norms:
+            h = norm("post_mlp_norm")(h)
+        x = x + dropout(h, deterministic=deterministic)
+        return constrain(x, BATCH_LENGTH_EMBED)
+
+
+def attention_mask(
+    segment_ids: Array | None,
+    prefix_mask: Array | None,
+    input_mask: Array | None,
+    length: int,
+) -> Array:
+    """[batch, q, k] boolean mask for a full (non-cached) pass.
+
+    Causal; restricted to the same segment when packed (segment 0 is padding); prefix positions
+    (T5X ``decoder_causal_attention``) also see each other bidirectionally.
+    """
+    idx = jnp.arange(length)
+    allowed = (idx[None, :] <= idx[:, None])[None]
+    if prefix_mask is not None:
+        p = prefix_mask.astype(bool)
+        bidir = p[:, :, None] & p[:, None, :]
+        allowed = allowed | bidir
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = allowed & same & (segment_ids[:, None, :] > 0)
+    if input_mask is not None:
+        allowed = allowed & input_mask.astype(bool)[:, None, :]
+    return allowed
+
+
+class Decoder(nn.Module):
+    """Token ids -> logits, with optional packed segments, prefix-LM mask and user context."""
+
+    config: DecoderConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+        self.token_embedder = Embed(cfg.vocab_size, cfg.embed_dim, dtype, param_dtype)
+        layer_cls = DecoderLayer
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            # Arguments 6-7 (decode, deterministic; self is 0) are Python bools.
+            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(6, 7))
+        self.layers = [
+            layer_cls(cfg, has_context_block=i in cfg.cross_attention_layers)
+            for i in range(cfg.num_layers)
+        ]
+        self.final_norm = RMSNorm(cfg.norm_eps, dtype, param_dtype)
+        self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
+        self.cache_bookkeeping = CacheBookkeeping()
+        if not cfg.tie_embeddings:
+            self.logits_dense = DenseGeneral(
+                (cfg.vocab_size,), ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype
+            )
+
+    def embed(self, tokens: Array) -> Array:
+        """Token embeddings (scaled by sqrt(embed_dim) where the family does so)."""
+        x = self.token_embedder(tokens)
+        if self.config.scale_embeddings:
+            x = x * jnp.sqrt(jnp.asarray(self.config.embed_dim, x.dtype))
+        return x
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        prefix_mask: Array | None = None,
+        input_mask: Array | None = None,
+        user_context: Array | None = None,
+        user_context_mask: Array | None = None,
+        input_embeddings: Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ) -> Array:
+        """Returns float32 logits [batch, length, vocab] (or final hidden states).
+
+        tokens: [batch, length] int. ``input_embeddings`` (same shape as the token embeddings)
+        replaces the token lookup, for soft prompts. In ``decode`` mode the call appends
+        ``length`` tokens to the cache (prefill with length > 1, then steps of 1);
+        ``input_mask`` marks which of them are real (default: all) and ``positions`` defaults
+        to the slot index.
+        """
+        batch, length = tokens.shape
+        x = self.embed(tokens) if input_embeddings is None else input_embeddings
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        cache_index = None
+        if decode:
+            mask, positions, cache_index = self.cache_bookkeeping(
+                length, input_mask, positions, prefix_mask
+            )
+        else:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+            mask = attention_mask(segment_ids, prefix_mask, input_mask, length)
+
+        x = self.embedding_dropout(x, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(
+                x,
+                mask,
+                positions,
+                user_context,
+                user_context_mask,
+                decode,
+                deterministic,
+                cache_index,
+            )
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        if self.config.tie_embeddings:
+            logits = self.token_embedder.attend(x)
+        else:
+            logits = self.logits_dense(x)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+class CacheBookkeeping(nn.Module):
+    """Owns the decoder-level cache state: the next slot ``index`` and ``key_valid`` [b, slots].
+
+    Returns the attention mask over all slots for the tokens being appended, their positions,
+    and the slot where they are written.
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        length: int,
+        input_mask: Array | None,
+        positions: Array | None,
+        prefix_mask: Array | None,
+    ) -> tuple[Array, Array, Array]:
+        if not self.has_variable("cache", "key_valid"):
+            raise ValueError("decode=True needs an initialized cache: call decoder.init_cache")
+        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+        key_valid = self.variable("cache", "key_valid", jnp.zeros, (), jnp.bool_)
+        batch, slots = key_valid.value.shape
+        start = index.value
+        new_valid = (
+            jnp.ones((batch, length), bool) if input_mask is None else input_mask.astype(bool)
+        )
+        key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, new_valid, (0, start))
+        slot = jnp.arange(slots)
+        query_slot = start + jnp.arange(length)
+        causal = slot[None, :] <= query_slot[:, None]
+        mask = key_valid.value[:, None, :] & causal[None]
+        if prefix_mask is not None:
+            # Prompt tokens marked as prefix see each other bidirectionally (prefix LM).
+            slot_prefix = jax.lax.dynamic_update_slice(
+                jnp.zeros((batch, slots), bool), prefix_mask.astype(bool), (0, start)
+            )
+            bidir = prefix_mask.astype(bool)[:, :, None] & slot_prefix[:, None, :]
+            mask = mask | (bidir & key_valid.value[:, None, :])
+        if positions is None:
+            positions = jnp.broadcast_to(query_slot, (batch, length))
+        index.value = start + length
+        return mask, positions, start
+
+
+def init_cache(config: DecoderConfig, batch_size: int, cache_length: int) -> dict[str, Any]:
+    """An empty KV cache for ``batch_size`` sequences of up to ``cache_length`` tokens."""
+    dtype = as_dtype(config.dtype)
+    shape = (batch_size, cache_length, config.num_kv_heads, config.head_dim)
+    cache: dict[str, Any] = {
+        "cache_bookkeeping": {
+            "index": jnp.zeros((), jnp.int32),
+            "key_valid": jnp.zeros((batch_size, cache_length), bool),
+        }
+    }
+    for i in range(config.num_layers):
+        cache[f"layers_{i}"] = {
+            "self_attention": {
+                "cached_key": jnp.zeros(shape, dtype),
+                "cached_value": jnp.zeros(shape, dtype),
+            }
+        }
+    return cache

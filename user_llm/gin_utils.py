@@ -1,0 +1,134 @@
+r"""T5X-style gin handling for the entry points.
+
+``--gin_file`` (repeatable) composes files; ``--gin.NAME=VALUE`` is shorthand for
+``--gin_bindings=NAME=VALUE`` (as in T5X); ``--gin_search_paths`` lists folders to look files up
+in (the repo's ``gin/`` folder and the current directory are always searched).
+Errors are made specific: an unknown binding or a REQUIRED macro left unset names itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+import gin
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SEARCH_PATHS = (str(REPO_ROOT / "gin"), str(REPO_ROOT), ".")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files to compose, in order.")
+flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings (also: --gin.NAME=VALUE).")
+flags.DEFINE_list("gin_search_paths", [], "Extra folders to look gin files up in.")
+
+
+class GinConfigError(ValueError):
+    """A gin configuration problem, stated in terms a user can act on."""
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """``--gin.A.b=1`` -> ``--gin_bindings=A.b=1`` (T5X's shorthand)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            out.append("--gin_bindings=" + arg[len("--gin.") :])
+        else:
+            out.append(arg)
+    return out
+
+
+_REQUIRED_MACRO = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*%gin\.REQUIRED\s*$", re.M)
+
+
+def required_macros(gin_files: Sequence[str], search_paths: Sequence[str]) -> list[str]:
+    """Macros that the given files (and their includes) declare as ``%gin.REQUIRED``."""
+    names: list[str] = []
+    seen: set[Path] = set()
+
+    def visit(name: str) -> None:
+        path = find_gin_file(name, search_paths)
+        if path in seen:
+            return
+        seen.add(path)
+        text = path.read_text()
+        for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", text, re.M):
+            visit(inc)
+        names.extend(m for m in _REQUIRED_MACRO.findall(text) if m not in names)
+
+    for f in gin_files:
+        visit(f)
+    return names
+
+
+def find_gin_file(name: str, search_paths: Sequence[str]) -> Path:
+    candidates = [Path(name)] + [Path(p) / name for p in search_paths]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise GinConfigError(f"Gin file {name!r} not found (searched {', '.join(search_paths)})")
+
+
+def parse_gin(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str] = (),
+    search_paths: Sequence[str] = (),
+    finalize: bool = True,
+) -> None:
+    """Parses files then bindings; fails clearly on unknown names and unset REQUIRED macros."""
+    paths = list(search_paths) + [p for p in DEFAULT_SEARCH_PATHS if p not in search_paths]
+    gin.clear_config()
+    for p in paths:
+        gin.add_config_file_search_path(p)
+    files = [str(find_gin_file(f, paths)) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+    except Exception as e:  # noqa: BLE001 - gin raises many types; all are config errors here
+        raise GinConfigError(f"Gin configuration error: {type(e).__name__}: {e}") from e
+    missing = []
+    for macro in required_macros(gin_files, paths):
+        try:
+            value = gin.query_parameter(f"{macro}/macro.value")
+        except ValueError:
+            value = None
+        if (
+            value is None
+            or isinstance(value, gin.config.ConfigurableReference)
+            and (value.configurable.name == "REQUIRED")
+        ) or repr(value).endswith("REQUIRED"):
+            missing.append(macro)
+    if missing:
+        flags_hint = " ".join(f"--gin.{m}=..." for m in missing)
+        raise GinConfigError(
+            f"Required gin macro(s) not set: {', '.join(missing)}. Set them, e.g. {flags_hint}"
+        )
+    if finalize:
+        gin.finalize()
+
+
+def parse_and_run(argv: Sequence[str], fn: Callable[..., Any]) -> Any:
+    """Parses the gin flags and calls the gin-configured ``fn``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    return gin.get_configurable(fn)()
+
+
+def run_main(main: Callable[[Sequence[str]], Any]) -> None:
+    """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
+    sys.argv = rewrite_gin_args(sys.argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except GinConfigError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped)

@@ -1,0 +1,194 @@
+"""Building blocks shared by the decoder, the user encoder and the integration layers.
+
+Every parameter declares T5X logical axes (``embed, mlp, heads, kv_heads, kv, vocab``) through
+``nn.with_logical_partitioning``; the rules table in ``partitioning.py`` maps them to mesh axes.
+Activations carry ``nn.with_logical_constraint`` so that XLA keeps the intended layout.
+
+No TensorFlow, SeqIO or data code here: modules take arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Logical axis names of activations, T5X style.
+BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+BATCH_LENGTH_HEADS_KV = ("batch", "length", "heads", "kv")
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+    """Sharding constraint by logical names; a no-op outside a mesh / rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def kernel_init(scale: float = 1.0) -> Initializer:
+    """Fan-in scaled truncated normal, the usual choice for Transformer kernels."""
+    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Llama): ``x / rms(x) * scale``, computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (features,),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table; ``attend`` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    axes: tuple[str, str] = ("vocab", "embed")
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class DenseGeneral(nn.Module):
+    """A dense layer whose kernel is ``in_shape + out_shape`` with explicit logical axes.
+
+    Attention projections keep heads as their own kernel dimension (``embed, heads, kv``), as
+    T5X does, so that sharding over heads is a rules-table change, not a reshape.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    contract_dims: int = 1
+    use_bias: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[-self.contract_dims :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.init or kernel_init(), self.axes),
+            tuple(in_shape) + tuple(self.features),
+            self.param_dtype,
+        )
+        n_in, n_out = self.contract_dims, len(self.features)
+        lhs = "abcdefgh"[: x.ndim]
+        contract = lhs[-n_in:]
+        out = "pqrstu"[:n_out]
+        y = jnp.einsum(
+            f"{lhs},{contract}{out}->{lhs[:-n_in]}{out}",
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+                tuple(self.features),
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding in the "rotate half" layout (Hugging Face Llama convention).
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (int). Computed in float32.
+    """
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def dot_product_attention(
+    query: Array, key: Array, value: Array, mask: Array | None, dtype: DType
+) -> Array:
+    """Grouped-query attention; softmax in float32.
+
+    query: [b, q, heads, d]; key/value: [b, k, kv_heads, d]; mask: broadcastable to [b, q, k]
+    (True = attend). heads must be a multiple of kv_heads.
+    """
+    b, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    groups = num_heads // num_kv_heads
+    query = query.reshape(b, q_len, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32)
+    logits = logits / np.sqrt(head_dim).astype(np.float32)
+    if mask is not None:
+        big_neg = jnp.finfo(jnp.float32).min
+        logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
+    return out.reshape(b, q_len, num_heads, head_dim)
+
+
+class GatedMLP(nn.Module):
+    """``wo(act(wi_0 x) * wi_1 x)``: SwiGLU with ``silu``, GeGLU with ``gelu``/``gelu_tanh``."""
+
+    hidden_dim: int
+    activation: str = "silu"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"Unknown MLP activation {self.activation!r}; use one of {list(ACTIVATIONS)}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="wi_0", **kw)(x)
+        up = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="wi_1", **kw)(x)
+        h = ACTIVATIONS[self.activation](gate) * up
+        h = constrain(h, ("batch", "length", "mlp"))
+        return DenseGeneral((x.shape[-1],), ("mlp", "embed"), name="wo", **kw)(h)

@@ -1,0 +1,108 @@
+"""Device mesh and logical-axis rules (T5X's ``standard_logical_axis_rules``).
+
+Parameters and activations name logical axes; one rules table maps them to mesh axes. Changing
+how a model is sharded is a change of this table (or its gin binding), never of model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LogicalRules = tuple[tuple[str, str | None], ...]
+
+
+def standard_logical_axis_rules(
+    data_axis: str = "data", model_axis: str = "model", shard_params_over_data: bool = False
+) -> LogicalRules:
+    """Batch over ``data``; vocab, mlp and heads over ``model``; the rest replicated.
+
+    ``shard_params_over_data`` (FSDP / ZeRO-3 style) also splits the ``embed`` dimension of the
+    weights over the data axis; activations keep their batch sharding because flax resolves
+    each logical axis to the first rule whose mesh axis is still free.
+    """
+    rules: list[tuple[str, str | None]] = [
+        ("batch", data_axis),
+        ("vocab", model_axis),
+        ("mlp", model_axis),
+        ("heads", model_axis),
+        ("kv_heads", model_axis),
+    ]
+    if shard_params_over_data:
+        rules.append(("embed", data_axis))
+    rules += [("embed", None), ("kv", None), ("length", None), ("latents", None)]
+    return tuple(rules)
+
+
+def create_mesh(
+    mesh_shape: Sequence[int] = (-1, 1),
+    axis_names: Sequence[str] = ("data", "model"),
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh over ``devices`` (default: all); one ``-1`` entry takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(mesh_shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(
+            f"mesh_shape {tuple(shape)} and axis_names {tuple(axis_names)} differ in rank"
+        )
+    if shape.count(-1) > 1:
+        raise ValueError(f"At most one -1 in mesh_shape, got {tuple(shape)}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh_shape {tuple(shape)}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, {len(devices)} present"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), tuple(axis_names))
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str) -> PartitionSpec:
+    """Replicates any dimension the mesh cannot split evenly (e.g. 3 KV heads on 4 devices)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        if size > 1 and dim % size:
+            logging.warning("%s: dim %d not divisible by mesh %s; replicated", name, dim, names)
+            fitted.append(None)
+        else:
+            fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
+    """NamedShardings for a tree whose leaves are boxed with logical axes (or plain, replicated).
+
+    Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    shapes = nn.unbox(boxed_tree)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    flat_specs, treedef = jax.tree_util.tree_flatten(mesh_specs, is_leaf=is_spec)
+    flat_shapes = treedef.flatten_up_to(shapes)
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)[0]
+    ]
+    out = [
+        NamedSharding(mesh, _fit_spec(spec, np.shape(leaf), mesh, path))
+        for spec, leaf, path in zip(flat_specs, flat_shapes, paths, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def data_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
+    """Sharding of a batch array: leading dimension by the ``batch`` rule."""
+    spec = nn.logical_to_mesh_axes(("batch",), rules)
+    return NamedSharding(mesh, PartitionSpec(*spec))

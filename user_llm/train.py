@@ -1,0 +1,346 @@
+r"""The train loop: ``python -m user_llm.train --gin_file=... --gin.MODEL_DIR=\"...\"``.
+
+Read top to bottom, in sections: mesh, model and optimizer, sharded state, checkpoint resume,
+input pipeline, update step, eval, loop. ``train()`` is a plain keyword-only function; the
+entry point makes it gin-configurable (see ``gin/runs/*.gin`` for the bindings a run sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import gin
+from user_llm import checkpoints, partitioning
+from user_llm.data import pipeline
+from user_llm.models import DecoderOnlyModel
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class InitCheckpoint:
+    """Warm start from another checkpoint (used only when MODEL_DIR has none of its own)."""
+
+    path: str
+    assignment_map: Sequence[tuple[str, str | None]] = ()
+    fallback_to_scratch: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    mesh_shape: Sequence[int] = (-1, 1)
+    axis_names: Sequence[str] = ("data", "model")
+    shard_params_over_data: bool = False
+
+
+def _global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array]:
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch of {x.shape[0]} not divisible into {num} microbatches")
+        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    model: DecoderOnlyModel,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    accumulation_steps: int,
+    use_dropout: bool,
+) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
+    """One optimizer update from one global batch, split into ``accumulation_steps`` pieces.
+
+    Losses and gradients are summed over microbatches and divided by the total target-token
+    weight once, so accumulation gives the same update as one big batch.
+    """
+
+    def grad_terms(params, microbatch, rng):
+        def summed(p):
+            loss, weight, metrics = model.loss_terms(p, microbatch, rng if use_dropout else None)
+            return loss, (weight, metrics)
+
+        (loss, (weight, metrics)), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        return loss, weight, metrics, grads
+
+    def train_step(state, batch, rng):
+        params = state["params"]
+        rng = jax.random.fold_in(rng, state["step"])
+        micro = _split_microbatches(batch, accumulation_steps)
+
+        def body(carry, xs):
+            i, mb = xs
+            loss, weight, metrics, grads = grad_terms(params, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree_util.tree_map(jnp.add, carry, (loss, weight, metrics, grads))
+            return acc, None
+
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like,
+            jax.eval_shape(grad_terms, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng),
+        )
+        (loss, weight, metrics, grads), _ = jax.lax.scan(
+            body, zeros, (jnp.arange(accumulation_steps), micro)
+        )
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        out = {
+            "loss": loss / denom,
+            "cross_entropy": metrics["cross_entropy_sum"] / denom,
+            "accuracy": metrics["correct_sum"] / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state["step"]),
+            "num_tokens": weight,
+        }
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, dict], dict]:
+    def eval_step(params, batch):
+        loss, weight, metrics = model.loss_terms(params, batch, None)
+        return {"loss_sum": loss, "weight": weight, "correct_sum": metrics["correct_sum"]}
+
+    return eval_step
+
+
+def _abstract_init(model, optimizer, input_shapes, rng):
+    """Boxed (logical-axis) abstract train state, for shapes and shardings without compute."""
+
+    def init(rng):
+        variables = model.get_initial_variables(rng, input_shapes)
+        params = variables["params"]
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": optimizer.init(params),
+        }
+
+    return init, jax.eval_shape(init, rng)
+
+
+def _write_config(model_dir: Path) -> None:
+    if jax.process_index() == 0:
+        (model_dir / "config.gin").write_text(gin.config_str())
+
+
+def _log(writer, step: int, metrics: Mapping[str, float], prefix: str) -> None:
+    scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    writer.write_scalars(step, scalars)
+    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+    print(f"step {step}: {text}", flush=True)
+
+
+def train(
+    *,
+    model: DecoderOnlyModel,
+    train_dataset_cfg: pipeline.DatasetConfig,
+    model_dir: str,
+    num_train_steps: int,
+    optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
+    learning_rate: optax.Schedule | float = 1e-3,
+    eval_dataset_cfg: pipeline.DatasetConfig | None = None,
+    eval_every_steps: int = 0,
+    eval_max_batches: int | None = None,
+    log_every_steps: int = 10,
+    save_every_steps: int = 100,
+    keep_checkpoints: int | None = 3,
+    async_checkpointing: bool = True,
+    accumulation_steps: int = 1,
+    mesh: MeshConfig = MeshConfig(),
+    init_checkpoint: InitCheckpoint | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Trains ``model`` and returns the final train state (params on device).
+
+    Resumes automatically from the latest good checkpoint in ``model_dir``; an
+    ``init_checkpoint`` is used only when there is none.
+    """
+    from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
+
+    model_dir_path = Path(model_dir)
+    model_dir_path.mkdir(parents=True, exist_ok=True)
+    _write_config(model_dir_path)
+    schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
+    tx = optimizer(learning_rate=schedule)
+
+    # -- Mesh -----------------------------------------------------------------------------
+    device_mesh = partitioning.create_mesh(mesh.mesh_shape, mesh.axis_names)
+    rules = partitioning.standard_logical_axis_rules(
+        mesh.axis_names[0], mesh.axis_names[-1], mesh.shard_params_over_data
+    )
+    batch_sharding = partitioning.data_sharding(device_mesh, rules)
+    logging.info("Mesh %s over %d devices", dict(device_mesh.shape), device_mesh.size)
+
+    # -- Model, optimizer and sharded state ---------------------------------------------------
+    lengths = dict(train_dataset_cfg.task_feature_lengths)
+    seq_len = sum(lengths.values()) if train_dataset_cfg.prefix_lm else lengths["targets"]
+    micro = train_dataset_cfg.batch_size // accumulation_steps
+    input_shapes = {"decoder_input_tokens": (micro, seq_len)}
+    rng = jax.random.PRNGKey(seed)
+    init_rng, step_rng = jax.random.split(rng)
+    init_fn, abstract_boxed = _abstract_init(model, tx, input_shapes, init_rng)
+    with nn.logical_axis_rules(rules):
+        state_shardings = partitioning.logical_shardings(abstract_boxed, device_mesh, rules)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract_boxed),
+        state_shardings,
+    )
+
+    # -- Checkpoint resume (or warm start, or fresh) ------------------------------------------
+    ckpt = checkpoints.Checkpointer(
+        model_dir_path, keep=keep_checkpoints, async_save=async_checkpointing
+    )
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is not None:
+        state, start_step = restored
+        print(f"Resumed from checkpoint step {start_step} in {ckpt.directory}", flush=True)
+    else:
+        start_step = 0
+        state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+        if init_checkpoint is not None:
+            state = _warm_start(state, init_checkpoint, tx, state_shardings)
+    if int(state["step"]) != start_step:
+        raise checkpoints.CheckpointError(
+            f"Checkpoint step directory {start_step} holds a state at step {int(state['step'])}"
+        )
+
+    # -- Input pipeline ---------------------------------------------------------------------
+    train_ds = pipeline.get_dataset(
+        train_dataset_cfg,
+        shard_id=jax.process_index(),
+        num_shards=jax.process_count(),
+        skip_batches=start_step,
+    )
+    train_iter = pipeline.numpy_batches(train_ds)
+
+    # -- Update step ------------------------------------------------------------------------
+    step_fn = make_train_step(
+        model, tx, schedule, accumulation_steps, use_dropout=model.module.config.dropout_rate > 0
+    )
+    with nn.logical_axis_rules(rules):
+        jit_step = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_sharding, None),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
+        jit_eval = jax.jit(
+            make_eval_step(model),
+            in_shardings=(state_shardings["params"], batch_sharding),
+        )
+
+    writer = metric_writers.create_default_writer(
+        str(model_dir_path / "summaries"), just_logging=jax.process_index() > 0
+    )
+
+    def run_eval(step: int) -> dict[str, float]:
+        ds = pipeline.get_dataset(
+            eval_dataset_cfg,
+            shard_id=jax.process_index(),
+            num_shards=jax.process_count(),
+            num_epochs=1,
+            drop_remainder=False,
+        )
+        totals = {"loss_sum": 0.0, "weight": 0.0, "correct_sum": 0.0}
+        local_bs = eval_dataset_cfg.batch_size // jax.process_count()
+        for i, batch in enumerate(pipeline.numpy_batches(ds)):
+            if eval_max_batches is not None and i >= eval_max_batches:
+                break
+            batch, _ = pipeline.pad_batch(batch, local_bs)
+            with nn.logical_axis_rules(rules):
+                out = jit_eval(state["params"], _global_batch(batch, batch_sharding))
+            for k in totals:
+                totals[k] += float(out[k])
+        denom = max(totals["weight"], 1.0)
+        metrics = {"loss": totals["loss_sum"] / denom, "accuracy": totals["correct_sum"] / denom}
+        _log(writer, step, metrics, "eval")
+        return metrics
+
+    # -- Loop -------------------------------------------------------------------------------
+    tokens_per_batch = train_dataset_cfg.batch_size * seq_len
+    last_time, last_step = time.time(), start_step
+    metrics = None
+    for step in range(start_step, num_train_steps):
+        batch = _global_batch(next(train_iter), batch_sharding)
+        with nn.logical_axis_rules(rules):
+            state, metrics = jit_step(state, batch, step_rng)
+        done = step + 1
+        if log_every_steps and (done % log_every_steps == 0 or done == num_train_steps):
+            metrics = jax.device_get(metrics)
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"Loss is {metrics['loss']} at step {done}; stopping")
+            elapsed = max(time.time() - last_time, 1e-9)
+            rate = (done - last_step) / elapsed
+            metrics["steps_per_sec"] = rate
+            metrics["tokens_per_sec"] = rate * tokens_per_batch
+            remaining = (num_train_steps - done) / max(rate, 1e-9)
+            _log(writer, done, metrics, "train")
+            print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
+            last_time, last_step = time.time(), done
+        if save_every_steps and (done % save_every_steps == 0 or done == num_train_steps):
+            ckpt.save(done, state)
+        if eval_dataset_cfg is not None and eval_every_steps and done % eval_every_steps == 0:
+            run_eval(done)
+    if eval_dataset_cfg is not None and eval_every_steps and num_train_steps % eval_every_steps:
+        run_eval(num_train_steps)
+    ckpt.close()
+    writer.flush()
+    return state
+
+
+def _warm_start(state, init: InitCheckpoint, tx, state_shardings) -> dict:
+    """Loads params from ``init`` through its assignment map; optimizer state starts fresh."""
+    source = checkpoints.read_params(init.path)
+    target = checkpoints.flatten(jax.device_get(state["params"]))
+    flat, report = checkpoints.apply_assignment_map(
+        target, source, init.assignment_map, init.fallback_to_scratch
+    )
+    print(
+        f"Warm start from {init.path}: {len(report['restored'])} restored, "
+        f"{len(report['from_scratch'])} from scratch, {len(report['unused_source'])} unused",
+        flush=True,
+    )
+    params = checkpoints.unflatten(flat)
+    params = jax.device_put(params, state_shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
+    return {"step": state["step"], "params": params, "opt_state": opt_state}
+
+
+# -- Entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str]) -> None:
+    # Run as ``python -m user_llm.train`` this file is ``__main__``; gin knows the function
+    # by its importable name, so configure the one in ``user_llm.train``.
+    from user_llm import gin_utils
+    from user_llm import train as train_lib
+
+    gin_utils.parse_and_run(argv, train_lib.train)
+
+
+if __name__ == "__main__":
+    from user_llm import gin_utils
+
+    gin_utils.run_main(main)
