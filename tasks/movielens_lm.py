@@ -9,28 +9,23 @@ by id, so the split is stable across runs).
 
 from __future__ import annotations
 
-import zipfile
-from pathlib import Path
-
-import pandas as pd
 import seqio
 import tensorflow as tf
 
-BUNDLED_ZIP = (
-    Path(__file__).resolve().parents[1] / "user_llm" / "data" / "bundled" / "ml-latest-small.zip"
-)
+from user_llm.data import readers
 
 TASK_NAME = "movielens_titles_lm"
 VOCABULARY = seqio.ByteVocabulary()
 
 
 def _movie_lines(split: str) -> list[str]:
-    with zipfile.ZipFile(BUNDLED_ZIP) as zf, zf.open("ml-latest-small/movies.csv") as f:
-        movies = pd.read_csv(f, dtype={"movieId": int, "title": str, "genres": str})
-    held_out = movies["movieId"] % 20 == 0
-    rows = movies[held_out] if split == "validation" else movies[~held_out]
-    genres = rows["genres"].str.replace("|", ", ").str.replace("(no genres listed)", "no genres")
-    return (rows["title"] + " | " + genres).tolist()
+    _, items, _ = readers.load("movielens")  # the bundled ml-latest-small
+    held_out = items["item_id"].astype(int) % 20 == 0
+    rows = items[held_out] if split == "validation" else items[~held_out]
+    return [
+        f"{title} | {', '.join(genres) if len(genres) else 'no genres'}"
+        for title, genres in zip(rows["title"], rows["categories"], strict=True)
+    ]
 
 
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:

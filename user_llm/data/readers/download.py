@@ -1,0 +1,90 @@
+"""Fetches the official MovieLens archives from GroupLens into a local cache, checksum-verified.
+
+Only ml-latest-small may be redistributed (and is bundled with this package); the other
+releases must come from GroupLens on the user's machine. Without network access the error says
+which file to download and where to put it, so an offline machine can be prepared by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BASE_URL = "https://files.grouplens.org/datasets/movielens"
+
+# Published MD5s (GroupLens ``<archive>.zip.md5`` sidecars). ml-latest is rebuilt over time,
+# so it has no fixed checksum.
+MOVIELENS_MD5: dict[str, str | None] = {
+    "ml-100k": "0e33842e24a9c977be4e0107933c0723",
+    "ml-1m": "c4d9eecfca2ab87c1945afe126590906",
+    "ml-20m": "cd245b17a1ae2cc31bb14903e1204af3",
+    "ml-25m": "6b51fb2759a8657d3bfcbfc42b592ada",
+    "ml-latest": None,
+    "ml-latest-small": "31a303aabbc519bd33d025e44d6c2570",
+}
+
+
+def default_cache_dir() -> Path:
+    """``$USER_LLM_DATA`` or ``~/.cache/user_llm/movielens``."""
+    root = os.environ.get("USER_LLM_DATA")
+    return Path(root) if root else Path.home() / ".cache" / "user_llm" / "movielens"
+
+
+def movielens_url(name: str) -> str:
+    """The official download URL of a MovieLens release (e.g. ``ml-1m``)."""
+    if name not in MOVIELENS_MD5:
+        raise ValueError(f"unknown MovieLens release {name!r}; known: {sorted(MOVIELENS_MD5)}")
+    return f"{BASE_URL}/{name}.zip"
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: float = 60) -> Path:
+    """Path of ``<cache_dir>/<name>.zip``, downloading and verifying it if it is not there yet.
+
+    A cached file with the wrong checksum is an error (not silently replaced): it may be a
+    truncated download, and the user should see it.
+    """
+    url = movielens_url(name)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / f"{name}.zip"
+    expected = MOVIELENS_MD5[name]
+    if target.exists():
+        _verify(target, expected, url)
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".zip.part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        partial.unlink(missing_ok=True)
+        raise ConnectionError(
+            f"could not download {url} ({e}). On a machine without network access, download "
+            f"{name}.zip from {url} elsewhere and place it at {target} (or pass the extracted "
+            f"folder or the .zip as data_dir)."
+        ) from e
+    _verify(partial, expected, url)
+    partial.replace(target)
+    return target
+
+
+def _verify(path: Path, expected: str | None, url: str) -> None:
+    if expected is None:
+        return
+    got = md5sum(path)
+    if got != expected:
+        raise ValueError(
+            f"{path} has md5 {got}, expected {expected}: a partial or altered download. "
+            f"Delete it and fetch {url} again."
+        )

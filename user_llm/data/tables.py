@@ -1,0 +1,271 @@
+"""The common schema every reader produces: one interaction table and one item table.
+
+Readers for MovieLens, Amazon Reviews and Google Local all end here, so everything downstream
+(histories, tasks, stats) is written once against these columns:
+
+interactions: user_id (str), item_id (str), timestamp (int64, unix seconds), rating (float32),
+  categories (list of str: the item's genres / categories), review_title (str, may be empty),
+  review_text (str, may be empty). Sorted by (user_id, timestamp, item_id).
+items: item_id (str), title (str), categories (list of str), text (str). Sorted by item_id.
+
+List columns use ``pd.ArrowDtype(pa.list_(pa.string()))`` so that 20M rows cost a few hundred MB,
+not one Python list per row; ``df.categories.iloc[i]`` is still a plain list of str.
+
+Bad input never yields a silently wrong table: readers raise ``DataError`` naming the file and
+line, or (``lenient=True``) drop the row and count it in a ``ParseReport``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+INTERACTION_COLUMNS = (
+    "user_id",
+    "item_id",
+    "timestamp",
+    "rating",
+    "categories",
+    "review_title",
+    "review_text",
+)
+ITEM_COLUMNS = ("item_id", "title", "categories", "text")
+LIST_OF_STR = pd.ArrowDtype(pa.list_(pa.string()))
+
+# Internal bookkeeping columns readers carry until validation is done.
+SOURCE_COLUMN = "_source"
+LINE_COLUMN = "_line"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and (1-based) line so it can be fixed."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclasses.dataclass
+class ParseReport:
+    """What a reader read and what it dropped (in lenient mode), so losses are never silent."""
+
+    rows_read: int = 0
+    rows_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    meta_rows_read: int = 0
+    items_without_metadata: int = 0
+    users_without_interactions: int = 0
+    files: list[str] = dataclasses.field(default_factory=list)
+    variant: str = ""
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Counts ``count`` rows dropped for ``reason``."""
+        if count:
+            self.rows_skipped[reason] = self.rows_skipped.get(reason, 0) + int(count)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.rows_skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy (for logs and the stats CLI)."""
+        return dataclasses.asdict(self)
+
+
+def reject_rows(
+    df: pd.DataFrame,
+    bad: np.ndarray | pd.Series,
+    reason: str,
+    report: ParseReport,
+    lenient: bool,
+) -> pd.DataFrame:
+    """Raises on the first bad row (strict) or drops the bad rows and counts them (lenient).
+
+    ``df`` must carry the ``_source`` and ``_line`` bookkeeping columns.
+    """
+    bad = np.asarray(bad, dtype=bool)
+    if not bad.any():
+        return df
+    if not lenient:
+        first = int(np.flatnonzero(bad)[0])
+        row = df.iloc[first]
+        raise DataError(
+            str(row[SOURCE_COLUMN]),
+            int(row[LINE_COLUMN]),
+            f"{reason.replace('_', ' ')} (pass lenient=True to skip and count such rows)",
+        )
+    report.skip(reason, int(bad.sum()))
+    return df.loc[~bad].reset_index(drop=True)
+
+
+def str_column(values: Any) -> pd.Series:
+    """A str column with nulls replaced by "" (review text and titles may be absent)."""
+    s = values.reset_index(drop=True) if isinstance(values, pd.Series) else pd.Series(values)
+    if s.dtype != "str":
+        s = s.astype("str")
+    return s.fillna("")
+
+
+def list_column(values: Any) -> pd.Series:
+    """A list-of-str column (Arrow-backed); nulls become empty lists."""
+    arr = values
+    if isinstance(arr, pd.Series):
+        arr = pa.array(arr, type=pa.list_(pa.string()), from_pandas=True)
+    elif not isinstance(arr, (pa.Array, pa.ChunkedArray)):
+        arr = pa.array(list(arr), type=pa.list_(pa.string()))
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.list_(pa.string()))
+    if arr.null_count:
+        empty = pa.array([[]], type=pa.list_(pa.string()))[0]
+        arr = arr.fill_null(empty)
+    return pd.Series(arr, dtype=LIST_OF_STR)
+
+
+def arrow_lists(column: pd.Series) -> pa.ListArray:
+    """A list-of-str column as one contiguous Arrow array (for vectorized list operations)."""
+    arr = pa.array(column.array, type=pa.list_(pa.string()), from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr
+
+
+def empty_lists(n: int) -> pd.Series:
+    """``n`` empty lists as a list-of-str column, without building ``n`` Python lists."""
+    arr = pa.ListArray.from_arrays(
+        pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], type=pa.string())
+    )
+    return pd.Series(arr, dtype=LIST_OF_STR)
+
+
+def empty_items() -> pd.DataFrame:
+    """An item table with no rows (a dataset shipped without metadata)."""
+    return pd.DataFrame(
+        {
+            "item_id": pd.Series([], dtype="str"),
+            "title": pd.Series([], dtype="str"),
+            "categories": empty_lists(0),
+            "text": pd.Series([], dtype="str"),
+        }
+    )
+
+
+def source_column(name: str, n: int) -> pd.Categorical:
+    """The ``_source`` bookkeeping column: one byte per row, not one string per row."""
+    return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[str(name)])
+
+
+def sorted_codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of string ``values`` ranked by the sorted distinct values.
+
+    Hashing in Arrow and sorting only the distinct values is much cheaper than sorting
+    millions of strings, and ordering by code is ordering by value.
+    """
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.unify_dictionaries().combine_chunks() if encoded.num_chunks else None
+    if encoded is None or len(encoded) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+    dictionary = encoded.dictionary.to_numpy(zero_copy_only=False).astype(object)
+    order = np.argsort(dictionary, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    indices = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return rank[indices], dictionary[order]
+
+
+def finalize_interactions(
+    df: pd.DataFrame, report: ParseReport, lenient: bool, users_seen: int | None = None
+) -> pd.DataFrame:
+    """Sorts by (user_id, timestamp, item_id), drops exact duplicates (same user, item and
+    timestamp; the later line is the duplicate) and fixes dtypes.
+
+    ``users_seen`` (distinct users in the raw rows) lets the report count users that lost every
+    interaction to skipped rows.
+    """
+    user_codes, _ = sorted_codes(pa.array(df["user_id"].array, type=pa.string()))
+    item_codes, _ = sorted_codes(pa.array(df["item_id"].array, type=pa.string()))
+    ts = df["timestamp"].to_numpy(dtype=np.int64)
+    # Stable on the original row order, so among duplicates the first line comes first.
+    order = np.lexsort((np.arange(len(df)), item_codes, ts, user_codes))
+    df = df.take(order).reset_index(drop=True)
+    u, i, t = user_codes[order], item_codes[order], ts[order]
+    dup = np.zeros(len(df), dtype=bool)
+    dup[1:] = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    df = reject_rows(df, dup, "duplicate_row", report, lenient)
+    n = len(df)
+    out = pd.DataFrame(
+        {
+            "user_id": str_column(df["user_id"]),
+            "item_id": str_column(df["item_id"]),
+            "timestamp": df["timestamp"].to_numpy(dtype=np.int64),
+            "rating": df["rating"].to_numpy(dtype=np.float32),
+            "categories": list_column(df["categories"]) if "categories" in df else empty_lists(n),
+            "review_title": str_column(df["review_title"]) if "review_title" in df else empty(n),
+            "review_text": str_column(df["review_text"]) if "review_text" in df else empty(n),
+        }
+    )
+    if users_seen is not None:
+        report.users_without_interactions = int(users_seen - out["user_id"].nunique())
+    if out.empty:
+        raise DataError(", ".join(report.files) or "<input>", None, "no usable interactions")
+    return out
+
+
+def empty(n: int) -> pd.Series:
+    """``n`` empty strings as a str column (cheap: Arrow, not ``n`` Python objects)."""
+    return pd.Series(pa.nulls(n, pa.string()).fill_null(""), dtype="str")
+
+
+def attach_item_categories(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Copies each item's categories onto its interaction rows (empty for unknown items)."""
+    codes = pd.Index(items["item_id"]).get_indexer(interactions["item_id"])
+    cats = arrow_lists(items["categories"]) if len(items) else None
+    if cats is None or (codes < 0).all():
+        interactions["categories"] = empty_lists(len(interactions))
+        return interactions
+    # Index -1 (no metadata) -> a trailing empty list.
+    cats = pa.concat_arrays([cats, pa.array([[]], type=pa.list_(pa.string()))])
+    codes = np.where(codes < 0, len(cats) - 1, codes)
+    interactions["categories"] = list_column(cats.take(pa.array(codes)))
+    return interactions
+
+
+def finalize_items(df: pd.DataFrame) -> pd.DataFrame:
+    """Dtypes, one row per item (first occurrence wins) and a stable order."""
+    df = df.drop_duplicates("item_id", keep="first")
+    out = pd.DataFrame(
+        {
+            "item_id": str_column(df["item_id"].to_numpy()),
+            "title": str_column(df["title"].to_numpy()),
+            "categories": list_column(df["categories"]),
+            "text": str_column(df["text"].to_numpy()) if "text" in df else empty(len(df)),
+        }
+    )
+    return out.sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def add_missing_items(
+    items: pd.DataFrame, interactions: pd.DataFrame, report: ParseReport
+) -> pd.DataFrame:
+    """Adds items that have interactions but no metadata (id kept, empty title) and counts them."""
+    missing = pd.Index(interactions["item_id"].unique()).difference(pd.Index(items["item_id"]))
+    report.items_without_metadata = int(len(missing))
+    if len(missing) == 0:
+        return items
+    extra = pd.DataFrame(
+        {
+            "item_id": str_column(np.asarray(missing, dtype=object)),
+            "title": empty(len(missing)),
+            "categories": empty_lists(len(missing)),
+            "text": empty(len(missing)),
+        }
+    )
+    return finalize_items(pd.concat([items, extra], ignore_index=True))
