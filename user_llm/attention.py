@@ -39,6 +39,8 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(
@@ -54,7 +56,13 @@ class Attention(nn.Module):
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+        kw = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            use_bias=self.use_bias,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+        )
         kv_input = x if kv_input is None else kv_input
         q = DenseGeneral(
             (self.num_heads, self.head_dim), ("embed", "heads", "kv"), name="query", **kw
@@ -90,6 +98,8 @@ class Attention(nn.Module):
             name="out",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
         )(out)
 
     def _update_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:

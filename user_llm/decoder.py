@@ -77,8 +77,9 @@ class DecoderConfig:
     remat_policy: str = "none"
     # Indices of layers that get a gated cross-attention block for the user context.
     cross_attention_layers: tuple[int, ...] = ()
-    # Width of the user context fed to cross-attention (0: same as embed_dim).
-    context_dim: int = 0
+    # LoRA adapters on every attention and MLP projection of the decoder (0: none).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -164,6 +165,8 @@ class DecoderLayer(nn.Module):
             norm_eps=cfg.norm_eps,
             dtype=dtype,
             param_dtype=param_dtype,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
             name="self_attention",
         )(h, mask, positions, decode=decode, cache_index=cache_index)
         if cfg.use_post_norms:
@@ -175,7 +178,15 @@ class DecoderLayer(nn.Module):
             x = GatedCrossAttention(cfg, name="context_block")(x, user_context, user_context_mask)
 
         h = norm("pre_mlp_norm")(x)
-        h = GatedMLP(cfg.mlp_dim, cfg.mlp_activation, dtype, param_dtype, name="mlp")(h)
+        h = GatedMLP(
+            cfg.mlp_dim,
+            cfg.mlp_activation,
+            dtype,
+            param_dtype,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            name="mlp",
+        )(h)
         if cfg.use_post_norms:
             h = norm("post_mlp_norm")(h)
         x = x + dropout(h, deterministic=deterministic)

@@ -73,11 +73,12 @@ class Embed(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     axes: tuple[str, str] = ("vocab", "embed")
+    init_stddev: float = 1.0
 
     def setup(self) -> None:
         self.embedding = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), self.axes),
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_stddev), self.axes),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
@@ -94,6 +95,10 @@ class DenseGeneral(nn.Module):
 
     Attention projections keep heads as their own kernel dimension (``embed, heads, kv``), as
     T5X does, so that sharding over heads is a rules-table change, not a reshape.
+
+    ``lora_rank > 0`` adds a low-rank update ``(x @ lora_a) @ lora_b * lora_alpha / lora_rank``
+    with ``lora_b`` initialized at zero, so the layer starts equal to the frozen base
+    (``lora.merge`` folds it back into ``kernel`` for export).
     """
 
     features: tuple[int, ...]
@@ -103,25 +108,42 @@ class DenseGeneral(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     init: Initializer | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        in_shape = x.shape[-self.contract_dims :]
+        in_shape = tuple(x.shape[-self.contract_dims :])
+        n_in, n_out = self.contract_dims, len(self.features)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.init or kernel_init(), self.axes),
-            tuple(in_shape) + tuple(self.features),
+            in_shape + tuple(self.features),
             self.param_dtype,
         )
-        n_in, n_out = self.contract_dims, len(self.features)
         lhs = "abcdefgh"[: x.ndim]
         contract = lhs[-n_in:]
         out = "pqrstu"[:n_out]
-        y = jnp.einsum(
-            f"{lhs},{contract}{out}->{lhs[:-n_in]}{out}",
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-        )
+        x = x.astype(self.dtype)
+        y = jnp.einsum(f"{lhs},{contract}{out}->{lhs[:-n_in]}{out}", x, kernel.astype(self.dtype))
+        if self.lora_rank:
+            lora_a = self.param(
+                "lora_a",
+                nn.with_logical_partitioning(kernel_init(), self.axes[:n_in] + ("lora_rank",)),
+                in_shape + (self.lora_rank,),
+                self.param_dtype,
+            )
+            lora_b = self.param(
+                "lora_b",
+                nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("lora_rank",) + self.axes[n_in:]
+                ),
+                (self.lora_rank,) + tuple(self.features),
+                self.param_dtype,
+            )
+            h = jnp.einsum(f"{lhs},{contract}r->{lhs[:-n_in]}r", x, lora_a.astype(self.dtype))
+            h = jnp.einsum(f"...r,r{out}->...{out}", h, lora_b.astype(self.dtype))
+            y = y + h * (self.lora_alpha / self.lora_rank)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -179,6 +201,8 @@ class GatedMLP(nn.Module):
     activation: str = "silu"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -186,7 +210,12 @@ class GatedMLP(nn.Module):
             raise ValueError(
                 f"Unknown MLP activation {self.activation!r}; use one of {list(ACTIVATIONS)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+        )
         gate = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="wi_0", **kw)(x)
         up = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="wi_1", **kw)(x)
         h = ACTIVATIONS[self.activation](gate) * up

@@ -153,8 +153,8 @@ class DecoderOnlyModel:
             prompt_len = 1
         prompts = tokens[:, :prompt_len]
         prompt_prefix = batch.get("decoder_causal_attention")
-        extra = self.module_inputs(batch)
-        cache = init_cache(self.module.config, tokens.shape[0], prompt_len + max_decode_length)
+        step_inputs, extra_slots = self.decode_inputs(params, batch)
+        cache = self.init_cache(tokens.shape[0], extra_slots + prompt_len + max_decode_length)
 
         def step_fn(step_tokens, input_mask, positions, cache):
             # The prefill call sees the prompt bidirectionally, as prefix-LM training did.
@@ -167,7 +167,7 @@ class DecoderOnlyModel:
                 prefix_mask=prompt_prefix if is_prefill else None,
                 decode=True,
                 mutable=["cache"],
-                **extra,
+                **step_inputs(step_tokens.shape[1] == prompt_len),
             )
             return logits, mutated["cache"]
 
@@ -183,6 +183,18 @@ class DecoderOnlyModel:
             top_k=top_k,
         )
         return out, {"scores": jnp.sum(logprobs, axis=-1)}
+
+    def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
+        """(fn(is_prefill) -> extra module kwargs, extra cache slots) for cached decoding.
+
+        Computed once per batch, before the loop (User-LLM encodes the user here).
+        """
+        del params
+        extra = self.module_inputs(batch)
+        return (lambda is_prefill: extra), 0
+
+    def init_cache(self, batch_size: int, length: int) -> dict[str, Any]:
+        return init_cache(self.module.config, batch_size, length)
 
     # -- initialization -------------------------------------------------------------------
     def get_initial_variables(
@@ -218,3 +230,133 @@ def param_shapes_and_axes(variables: Mapping[str, Any]) -> dict[str, Any]:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         flat[name] = {"shape": list(shape), "axes": list(spec)}
     return flat
+
+
+def user_features(batch: Batch) -> dict[str, Array]:
+    """The user-history arrays of a batch: every key that starts with ``user_``."""
+    return {k: v for k, v in batch.items() if k.startswith("user_")}
+
+
+class UserLLMModel(DecoderOnlyModel):
+    """User-LLM (``integration.UserLLM``): decoder batches plus ``user_*`` history features.
+
+    Decoding encodes each user once and reuses the context at every step.
+    """
+
+    def module_inputs(self, batch: Batch) -> dict[str, Any]:
+        return {"user_features": user_features(batch)}
+
+    def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
+        context, context_mask = self.module.apply(
+            {"params": params}, user_features(batch), method="encode_user"
+        )
+        soft_prompt = self.module.integration.mode == "soft_prompt"
+
+        def inputs(is_prefill: bool) -> dict[str, Any]:
+            return {
+                "context": context,
+                "context_mask": context_mask,
+                "prepend_soft_prompt": is_prefill,
+            }
+
+        return inputs, context.shape[1] if soft_prompt else 0
+
+    def init_cache(self, batch_size: int, length: int) -> dict[str, Any]:
+        return {"decoder": init_cache(self.module.decoder_config, batch_size, length)}
+
+
+class UserEncoderModel:
+    """Phase 1: next-interaction pretraining of a ``UserEncoder`` (or a ``DualEncoder``).
+
+    Same interface as the LM wrappers (``loss_terms``, ``loss_fn``, ``get_initial_variables``)
+    so ``user_llm.train`` trains it unchanged; ``score_next_items`` ranks items for eval.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def is_dual(self) -> bool:
+        from user_llm.user_encoder import DualEncoder
+
+        return isinstance(self.module, DualEncoder)
+
+    def loss_terms(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        from user_llm import user_encoder as ue
+
+        features = user_features(batch)
+        if self.is_dual:
+            return self.module.apply({"params": params}, features, method=_dual_loss)
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+
+        def loss(module, features):
+            hidden = module(features, deterministic=dropout_rng is None)
+            return ue.next_feature_loss(module, hidden, features, dropout_rng)
+
+        return self.module.apply({"params": params}, features, rngs=rngs, method=loss)
+
+    def loss_fn(self, params, batch, dropout_rng):
+        loss, weight, metrics = self.loss_terms(params, batch, dropout_rng)
+        denom = jnp.maximum(weight, 1.0)
+        return loss / denom, {"loss": loss / denom, "accuracy": metrics["correct_sum"] / denom}
+
+    def score_next_items(
+        self, params: Params, batch: Batch, item_feature: str = "user_item_ids"
+    ) -> Array:
+        """Scores [b, num_items] for the item after each row's last interaction."""
+        from user_llm import user_encoder as ue
+
+        features = user_features(batch)
+        if self.is_dual:
+
+            def score(module, features):
+                user = module.user_vector(features)
+                table = module.item_vector(jnp.arange(module.item_table.num_embeddings))
+                return user @ table.T
+
+            return self.module.apply({"params": params}, features, method=score)
+
+        def score(module, features):
+            hidden = module(features)
+            last = ue.last_position(hidden, features[module.config.mask_feature])
+            return module.feature_logits(last, item_feature)
+
+        return self.module.apply({"params": params}, features, method=score)
+
+    def get_initial_variables(self, rng, input_shapes, input_types=None):
+        input_types = input_types or {}
+        dummy = {k: jnp.zeros(s, input_types.get(k, jnp.int32)) for k, s in input_shapes.items()}
+        return self.module.init(
+            {"params": rng, "dropout": rng}, user_features(dummy), method=_touch_all_parameters
+        )
+
+
+def _touch_all_parameters(module, features):
+    """Runs every submodule once (the pretraining heads are not used by ``__call__``)."""
+    from user_llm.user_encoder import DualEncoder
+
+    if isinstance(module, DualEncoder):
+        return module.user_vector(features), module.item_vector(features[module.item_feature])
+    hidden = module(features)
+    return [module.feature_logits(hidden, name) for name in module.config.predict_features]
+
+
+def _dual_loss(module, features):
+    """In-batch softmax: each user's history (minus its last item) against every row's last item."""
+    from user_llm import user_encoder as ue
+
+    history, last = ue.split_last_interaction(features, module.config.mask_feature)
+    user = module.user_vector(history)
+    target = jnp.take_along_axis(features[module.item_feature], last[:, None], axis=1)[:, 0]
+    items = module.item_vector(target)
+    logits = (user @ items.T / 0.05).astype(jnp.float32)
+    valid = (jnp.sum(history[module.config.mask_feature], axis=1) > 0).astype(jnp.float32)
+    same = target[:, None] == target[None, :]
+    logits = jnp.where(same & ~jnp.eye(len(target), dtype=bool), -1e9, logits)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
+    correct = (jnp.argmax(logits, axis=-1) == jnp.arange(len(target))).astype(jnp.float32)
+    loss = jnp.sum(nll * valid)
+    metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
+    return loss, jnp.sum(valid), metrics

@@ -36,7 +36,13 @@ def standard_logical_axis_rules(
     ]
     if shard_params_over_data:
         rules.append(("embed", data_axis))
-    rules += [("embed", None), ("kv", None), ("length", None), ("latents", None)]
+    rules += [
+        ("embed", None),
+        ("kv", None),
+        ("length", None),
+        ("latents", None),
+        ("lora_rank", None),
+    ]
     return tuple(rules)
 
 

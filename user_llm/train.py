@@ -21,7 +21,7 @@ import optax
 from absl import logging
 
 import gin
-from user_llm import checkpoints, partitioning
+from user_llm import checkpoints, partitioning, strategies
 from user_llm.data import pipeline
 from user_llm.models import DecoderOnlyModel
 
@@ -65,11 +65,14 @@ def make_train_step(
     schedule: optax.Schedule,
     accumulation_steps: int,
     use_dropout: bool,
+    strategy: str | strategies.Table = "full",
 ) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
     """One optimizer update from one global batch, split into ``accumulation_steps`` pieces.
 
     Losses and gradients are summed over microbatches and divided by the total target-token
-    weight once, so accumulation gives the same update as one big batch.
+    weight once, so accumulation gives the same update as one big batch. Parameters that the
+    ``strategy`` freezes pass through the step untouched (``optimizer`` must be built with
+    ``strategies.masked_optimizer`` for the same strategy).
     """
 
     def grad_terms(params, microbatch, rng):
@@ -100,13 +103,18 @@ def make_train_step(
         )
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        trainable = strategies.trainable_mask(params, strategy)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params = strategies.apply_updates(params, updates, trainable)
+        leaves = zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True
+        )
+        trained_grads = [g for g, t in leaves if t]
         out = {
             "loss": loss / denom,
             "cross_entropy": metrics["cross_entropy_sum"] / denom,
             "accuracy": metrics["correct_sum"] / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.global_norm(trained_grads),
             "learning_rate": schedule(state["step"]),
             "num_tokens": weight,
         }
@@ -124,11 +132,11 @@ def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, dict], dict]:
     return eval_step
 
 
-def _abstract_init(model, optimizer, input_shapes, rng):
+def _abstract_init(model, optimizer, input_shapes, input_types, rng):
     """Boxed (logical-axis) abstract train state, for shapes and shardings without compute."""
 
     def init(rng):
-        variables = model.get_initial_variables(rng, input_shapes)
+        variables = model.get_initial_variables(rng, input_shapes, input_types)
         params = variables["params"]
         return {
             "step": jnp.zeros((), jnp.int32),
@@ -167,6 +175,7 @@ def train(
     keep_checkpoints: int | None = 3,
     async_checkpointing: bool = True,
     accumulation_steps: int = 1,
+    strategy: str = "full",
     mesh: MeshConfig = MeshConfig(),
     init_checkpoint: InitCheckpoint | None = None,
     seed: int = 0,
@@ -174,7 +183,8 @@ def train(
     """Trains ``model`` and returns the final train state (params on device).
 
     Resumes automatically from the latest good checkpoint in ``model_dir``; an
-    ``init_checkpoint`` is used only when there is none.
+    ``init_checkpoint`` is used only when there is none. ``strategy`` (``full``, ``lora``,
+    ``enc``, ``proj``; see ``strategies.py``) picks which parameters train.
     """
     from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
 
@@ -182,7 +192,7 @@ def train(
     model_dir_path.mkdir(parents=True, exist_ok=True)
     _write_config(model_dir_path)
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
-    tx = optimizer(learning_rate=schedule)
+    tx = strategies.masked_optimizer(optimizer(learning_rate=schedule), strategy)
 
     # -- Mesh -----------------------------------------------------------------------------
     device_mesh = partitioning.create_mesh(mesh.mesh_shape, mesh.axis_names)
@@ -192,14 +202,27 @@ def train(
     batch_sharding = partitioning.data_sharding(device_mesh, rules)
     logging.info("Mesh %s over %d devices", dict(device_mesh.shape), device_mesh.size)
 
-    # -- Model, optimizer and sharded state ---------------------------------------------------
-    lengths = dict(train_dataset_cfg.task_feature_lengths)
-    seq_len = sum(lengths.values()) if train_dataset_cfg.prefix_lm else lengths["targets"]
+    # -- Input pipeline (its element spec gives the model's input shapes) ----------------------
+    train_ds = pipeline.get_dataset(
+        train_dataset_cfg, shard_id=jax.process_index(), num_shards=jax.process_count()
+    )
+    spec = train_ds.element_spec
+    if train_dataset_cfg.batch_size % accumulation_steps:
+        raise ValueError(
+            f"batch_size {train_dataset_cfg.batch_size} is not divisible by "
+            f"accumulation_steps {accumulation_steps}"
+        )
     micro = train_dataset_cfg.batch_size // accumulation_steps
-    input_shapes = {"decoder_input_tokens": (micro, seq_len)}
+    input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}
+    input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
+    tokens_per_batch = train_dataset_cfg.batch_size * int(
+        np.prod(input_shapes.get("decoder_input_tokens", (1, 1))[1:])
+    )
+
+    # -- Model, optimizer and sharded state ---------------------------------------------------
     rng = jax.random.PRNGKey(seed)
     init_rng, step_rng = jax.random.split(rng)
-    init_fn, abstract_boxed = _abstract_init(model, tx, input_shapes, init_rng)
+    init_fn, abstract_boxed = _abstract_init(model, tx, input_shapes, input_types, init_rng)
     with nn.logical_axis_rules(rules):
         state_shardings = partitioning.logical_shardings(abstract_boxed, device_mesh, rules)
     abstract_state = jax.tree_util.tree_map(
@@ -226,18 +249,17 @@ def train(
             f"Checkpoint step directory {start_step} holds a state at step {int(state['step'])}"
         )
 
-    # -- Input pipeline ---------------------------------------------------------------------
-    train_ds = pipeline.get_dataset(
-        train_dataset_cfg,
-        shard_id=jax.process_index(),
-        num_shards=jax.process_count(),
-        skip_batches=start_step,
-    )
-    train_iter = pipeline.numpy_batches(train_ds)
+    # Resuming skips the batches earlier steps consumed: same data as an uninterrupted run.
+    train_iter = pipeline.numpy_batches(train_ds.skip(start_step))
 
     # -- Update step ------------------------------------------------------------------------
     step_fn = make_train_step(
-        model, tx, schedule, accumulation_steps, use_dropout=model.module.config.dropout_rate > 0
+        model,
+        tx,
+        schedule,
+        accumulation_steps,
+        use_dropout=getattr(getattr(model.module, "config", None), "dropout_rate", 0.0) > 0,
+        strategy=strategy,
     )
     with nn.logical_axis_rules(rules):
         jit_step = jax.jit(
@@ -279,7 +301,6 @@ def train(
         return metrics
 
     # -- Loop -------------------------------------------------------------------------------
-    tokens_per_batch = train_dataset_cfg.batch_size * seq_len
     last_time, last_step = time.time(), start_step
     metrics = None
     for step in range(start_step, num_train_steps):

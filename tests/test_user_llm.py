@@ -1,0 +1,317 @@
+"""User encoders, Perceiver, integration modes, LoRA and training strategies (synthetic arrays)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO_ROOT, tiny_decoder_config
+
+from user_llm import lora, strategies
+from user_llm.decoder import Decoder
+from user_llm.integration import IntegrationConfig, UserLLM
+from user_llm.models import UserEncoderModel, UserLLMModel, param_shapes_and_axes
+from user_llm.perceiver import PerceiverConfig, PerceiverResampler
+from user_llm.train import make_train_step
+from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
+
+GOLDEN = REPO_ROOT / "tests" / "testdata" / "user_llm_params.json"
+B, L, G, NUM_ITEMS = 2, 6, 3, 50
+
+ENCODER = UserEncoderConfig(
+    categorical_features={"user_item_ids": NUM_ITEMS, "user_ratings": 12},
+    multivalued_features={"user_genres": 20},
+    embed_dim=16,
+    feature_embed_dim=8,
+    num_layers=1,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    predict_features=("user_item_ids", "user_genres"),
+)
+PERCEIVER = PerceiverConfig(num_latents=4, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32)
+
+VARIANTS = {
+    "xattn_ar_early": (dict(cross_attention_layers=(1,)), {}, IntegrationConfig()),
+    "xattn_ar_late_perceiver": (
+        dict(cross_attention_layers=(0, 1)),
+        {"fusion": "late"},
+        IntegrationConfig(use_perceiver=True, perceiver=PERCEIVER),
+    ),
+    "xattn_dual": (dict(cross_attention_layers=(1,)), {}, IntegrationConfig(encoder_kind="dual")),
+    "soft_prompt_perceiver": (
+        {},
+        {},
+        IntegrationConfig(mode="soft_prompt", use_perceiver=True, perceiver=PERCEIVER),
+    ),
+    "soft_prompt_ar_lora": (
+        dict(lora_rank=2),
+        {},
+        IntegrationConfig(mode="soft_prompt", projector_hidden_dim=24),
+    ),
+}
+
+
+def user_batch(seed=0, lengths=(6, 3)):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(L)[None, :] < np.asarray(lengths)[:, None]
+    batch = {
+        "user_item_ids": rng.integers(2, NUM_ITEMS, (B, L)) * mask,
+        "user_ratings": rng.integers(2, 12, (B, L)) * mask,
+        "user_genres": rng.integers(0, 20, (B, L, G)) * mask[..., None],
+        "user_mask": mask,
+    }
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def lm_batch(seed=1, length=8):
+    targets = jax.random.randint(jax.random.PRNGKey(seed), (B, length), 2, 64)
+    return {
+        "decoder_input_tokens": jnp.concatenate([jnp.zeros((B, 1), jnp.int32), targets[:, :-1]], 1),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": jnp.ones_like(targets),
+    }
+
+
+def build(variant):
+    dec_kw, enc_kw, integration = VARIANTS[variant]
+    module = UserLLM(
+        tiny_decoder_config(**dec_kw), dataclasses.replace(ENCODER, **enc_kw), integration
+    )
+    model = UserLLMModel(module, eos_id=1, max_decode_length=4)
+    batch = {**lm_batch(), **user_batch()}
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    variables = model.get_initial_variables(jax.random.PRNGKey(0), shapes, types)
+    return model, variables, batch
+
+
+def test_param_tree_goldens_for_every_variant():
+    """Regenerate after an intended change: UPDATE_GOLDENS=1 pytest tests/test_user_llm.py"""
+    actual = {name: param_shapes_and_axes(build(name)[1]["params"]) for name in VARIANTS}
+    if os.environ.get("UPDATE_GOLDENS"):
+        GOLDEN.write_text(json.dumps(actual, indent=1, sort_keys=True) + "\n")
+    assert actual == json.loads(GOLDEN.read_text())
+    xattn = actual["xattn_ar_late_perceiver"]
+    assert xattn["perceiver/latents"] == {"shape": [4, 16], "axes": ["latents", "embed"]}
+    assert "decoder/layers_0/context_block/gate" in xattn
+    assert "decoder/layers_0/mlp/wi_0/lora_a" in actual["soft_prompt_ar_lora"]
+    assert not any("context_block" in k for k in actual["soft_prompt_perceiver"])
+
+
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "xattn_ar_late_perceiver", "xattn_dual"])
+def test_zero_gate_user_llm_equals_bare_decoder(variant):
+    model, variables, batch = build(variant)
+    params = nn.unbox(variables)["params"]
+    user_logits = model.module.apply(
+        {"params": params}, batch["decoder_input_tokens"], user_features=user_batch()
+    )
+    bare = Decoder(model.module.decoder_config).apply(
+        {"params": params["decoder"]}, batch["decoder_input_tokens"]
+    )
+    np.testing.assert_array_equal(user_logits, bare)
+
+
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_ar_lora"])
+def test_history_padding_never_changes_outputs(variant):
+    model, variables, batch = build(variant)
+    params = _open_gates(nn.unbox(variables)["params"])
+    features = user_batch(lengths=(6, 3))
+    garbage = dict(features)
+    pad = ~np.asarray(features["user_mask"])
+    garbage["user_item_ids"] = jnp.where(pad, 7, features["user_item_ids"])
+    garbage["user_genres"] = jnp.where(pad[..., None], 5, features["user_genres"])
+    a = model.module.apply(
+        {"params": params}, batch["decoder_input_tokens"], user_features=features
+    )
+    b = model.module.apply({"params": params}, batch["decoder_input_tokens"], user_features=garbage)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # ... while a real history item does matter.
+    changed = dict(features)
+    changed["user_item_ids"] = features["user_item_ids"].at[1, 0].set(9)
+    c = model.module.apply({"params": params}, batch["decoder_input_tokens"], user_features=changed)
+    assert not np.allclose(a[1], c[1])
+
+
+def _open_gates(params, value=1.0):
+    def visit(node):
+        if isinstance(node, dict):
+            return {k: (jnp.asarray(value) if k == "gate" else visit(v)) for k, v in node.items()}
+        return node
+
+    return visit(params)
+
+
+def test_encoder_outputs_at_real_positions_ignore_padding():
+    enc = UserEncoder(ENCODER)
+    features = user_batch(lengths=(6, 3))
+    variables = enc.init(jax.random.PRNGKey(0), features)
+    garbage = dict(features)
+    garbage["user_ratings"] = jnp.where(features["user_mask"], features["user_ratings"], 3)
+    a, b = enc.apply(variables, features), enc.apply(variables, garbage)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.all(np.asarray(a[1, 3:]) == 0)  # padded positions are zeroed
+
+
+@pytest.mark.parametrize("length", [5, 17, 64])
+def test_perceiver_output_shape_is_independent_of_history_length(length):
+    perceiver = PerceiverResampler(PERCEIVER)
+    x = jnp.ones((2, length, 16))
+    mask = jnp.ones((2, length), bool)
+    variables = perceiver.init(jax.random.PRNGKey(0), x, mask)
+    assert perceiver.apply(variables, x, mask).shape == (2, 4, 16)
+
+
+def test_lora_merged_equals_unmerged():
+    cfg = tiny_decoder_config(lora_rank=2, lora_alpha=8.0)
+    module = Decoder(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 64)
+    params = nn.unbox(module.init(jax.random.PRNGKey(0), tokens))["params"]
+    # Trained adapters are non-zero: perturb every lora_b.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 if strategies.path_name(p).endswith("lora_b") else x, params
+    )
+    merged = lora.merge(params, lora_alpha=8.0)
+    assert not any("lora" in k for k in strategies_paths(merged))
+    plain = Decoder(dataclasses.replace(cfg, lora_rank=0))
+    np.testing.assert_allclose(
+        module.apply({"params": params}, tokens),
+        plain.apply({"params": merged}, tokens),
+        atol=1e-4,
+    )
+
+
+def strategies_paths(tree):
+    return [strategies.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
+def test_frozen_parameters_are_bitwise_unchanged_and_stateless(strategy):
+    model, variables, batch = build("soft_prompt_ar_lora")
+    params = nn.unbox(variables)["params"]
+    tx = strategies.masked_optimizer(optax.adam(1e-2), strategy)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(
+        make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False, strategy=strategy)
+    )
+    before = jax.tree_util.tree_map(np.asarray, params)
+    for _ in range(3):
+        state, _ = step(state, batch, jax.random.PRNGKey(0))
+    mask = strategies.trainable_mask(params, strategy)
+    flat_mask = dict(zip(strategies_paths(params), jax.tree_util.tree_leaves(mask), strict=True))
+    after = dict(
+        zip(strategies_paths(params), jax.tree_util.tree_leaves(state["params"]), strict=True)
+    )
+    for name, old in zip(strategies_paths(params), jax.tree_util.tree_leaves(before), strict=True):
+        if flat_mask[name]:
+            continue
+        np.testing.assert_array_equal(np.asarray(after[name]), old, err_msg=name)
+    trained = [n for n, t in flat_mask.items() if t]
+    changed = [
+        n
+        for n in trained
+        if not np.array_equal(
+            np.asarray(after[n]),
+            dict(zip(strategies_paths(params), jax.tree_util.tree_leaves(before), strict=True))[n],
+        )
+    ]
+    assert changed, f"{strategy}: nothing trained"
+    # Optimizer moments exist only for trainable parameters.
+    moments = sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.ndim
+    )
+    trainable_size = sum(int(np.prod(after[n].shape)) for n in trained)
+    assert moments == 2 * trainable_size
+    expected = {
+        "full": lambda n: True,
+        "lora": lambda n: "lora_" in n or not n.startswith("decoder/"),
+        "enc": lambda n: not n.startswith("decoder/"),
+        "proj": lambda n: n.startswith(("projector/", "perceiver/")),
+    }[strategy]
+    assert trained == [n for n in flat_mask if expected(n)]
+
+
+def test_unknown_strategy_is_named():
+    with pytest.raises(ValueError, match="adapters"):
+        strategies.trainable_mask({"a": jnp.ones(1)}, "adapters")
+
+
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_perceiver", "xattn_dual"])
+def test_cached_decoding_matches_uncached_greedy(variant):
+    model, variables, _ = build(variant)
+    params = _open_gates(nn.unbox(variables)["params"], 0.7)
+    prompts = [[0, 5, 9], [0, 7]]
+    tokens = np.zeros((B, 5), np.int32)
+    causal = np.zeros((B, 5), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)], causal[b, : len(p)] = p, 1
+    features = user_batch()
+    batch = {
+        "decoder_input_tokens": jnp.asarray(tokens),
+        "decoder_causal_attention": jnp.asarray(causal),
+        **features,
+    }
+    out = jax.jit(model.predict_batch)(params, batch)
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        row = {k: v[b : b + 1] for k, v in features.items()}
+        for t in range(4):
+            prefix = jnp.asarray([[1] * len(p) + [0] * (len(seq) - len(p))])
+            logits = model.module.apply(
+                {"params": params}, jnp.asarray([seq]), prefix_mask=prefix, user_features=row
+            )
+            nxt = int(jnp.argmax(logits[0, -1]))
+            assert int(out[b, t]) == nxt, (variant, b, t)
+            if nxt == 1:
+                break
+            seq.append(nxt)
+
+
+def test_encoder_pretraining_losses_fall_and_scores_rank_items():
+    for module in (UserEncoder(ENCODER), DualEncoder(ENCODER)):
+        model = UserEncoderModel(module)
+        batch = user_batch(seed=3, lengths=(6, 5))
+        shapes = {k: v.shape for k, v in batch.items()}
+        params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
+        tx = optax.adam(1e-2)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False))
+        losses = []
+        for _ in range(30):
+            state, m = step(state, batch, jax.random.PRNGKey(0))
+            losses.append(float(m["loss"]))
+        assert losses[-1] < losses[0] * 0.7, (type(module).__name__, losses[0], losses[-1])
+        scores = model.score_next_items(state["params"], batch)
+        assert scores.shape == (B, NUM_ITEMS)
+
+
+def test_sampled_softmax_option_trains():
+    cfg = dataclasses.replace(
+        ENCODER, sampled_softmax_negatives=8, predict_features=("user_item_ids",)
+    )
+    model = UserEncoderModel(UserEncoder(cfg))
+    batch = user_batch(seed=4)
+    params = nn.unbox(
+        model.get_initial_variables(jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()})
+    )["params"]
+    loss, weight, _ = model.loss_terms(params, batch, jax.random.PRNGKey(1))
+    assert float(weight) == 5 + 2 and np.isfinite(float(loss))
+
+
+def test_integration_config_errors_are_clear():
+    with pytest.raises(ValueError, match="cross_attention_layers"):
+        build_module = UserLLM(tiny_decoder_config(), ENCODER, IntegrationConfig())
+        build_module.init(
+            jax.random.PRNGKey(0), jnp.zeros((B, 4), jnp.int32), user_features=user_batch()
+        )
+    with pytest.raises(ValueError, match="mode"):
+        IntegrationConfig(mode="prefix")
+    with pytest.raises(ValueError, match="fusion"):
+        dataclasses.replace(ENCODER, fusion="middle")

@@ -1,0 +1,189 @@
+r"""Text generation from an imported (or fine-tuned) checkpoint, on whatever JAX device exists.
+
+  python -m user_llm.import_checkpoint --gguf=packaged --output_dir=/tmp/smollm2
+  python -m user_llm.generate --checkpoint=/tmp/smollm2 --prompt="The capital of France is" \
+      --max_decode_length=32
+  python -m user_llm.generate --checkpoint=/tmp/smollm2 --chat --prompt="Recommend a movie."
+
+Greedy by default (``--temperature`` > 0 samples, ``--top_k`` restricts). Prompts are
+right-padded into one batch and decoded by ``decoding.decode`` with a KV cache, all under one
+``jax.jit``. Plain causal attention over the prompt (no prefix-LM bidirectionality), which is
+how the pretrained model was trained. No TensorFlow is imported.
+
+``--checkpoint`` may also be a training ``model_dir`` whose ``config.json`` is missing; then
+``--config`` names the imported directory that holds the model config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from user_llm import checkpoints, decoding
+from user_llm.convert.common import config_from_dict, load_config
+from user_llm.decoder import Decoder, DecoderConfig, init_cache
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Imported checkpoint dir (or a training model_dir).")
+flags.DEFINE_string("config", None, "Dir with config.json + tokenizer (default: --checkpoint).")
+flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
+flags.DEFINE_integer("max_decode_length", 64, "Maximum number of new tokens.")
+flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn of the chat template.")
+flags.DEFINE_string("system_prompt", None, "System message for --chat (default: the model's).")
+flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("show_ids", False, "Also print the generated token ids.")
+
+_PROMPT_BUCKET = 16  # pad prompt lengths to a multiple of this to reuse compilations
+
+
+def load_model(
+    checkpoint: str | Path, config_dir: str | Path | None = None
+) -> tuple[DecoderConfig, dict[str, Any], Any]:
+    """(DecoderConfig, nested params, BPETokenizer or None) of a checkpoint directory."""
+    from user_llm.vocabularies import BPETokenizer
+
+    config_dir = Path(config_dir or checkpoint)
+    config = load_config(config_dir)
+    cfg = config_from_dict(config["decoder_config"])
+    params = checkpoints.unflatten(checkpoints.read_params(checkpoint))
+    tokenizer = (
+        BPETokenizer.load(config_dir, config["tokenizer"]) if config.get("tokenizer") else None
+    )
+    return cfg, params, tokenizer
+
+
+def make_generate_fn(
+    cfg: DecoderConfig,
+    max_decode_length: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    suppress_ids: Sequence[int] = (),
+) -> Any:
+    """A jitted ``fn(params, prompts [b, P], lengths [b], rng) -> (tokens, logprobs)``.
+
+    ``suppress_ids`` are never generated (their logits are set to -inf), e.g. EOS to force a
+    fixed length, as Hugging Face's ``min_new_tokens`` does.
+    """
+    module = Decoder(cfg)
+    suppress = jnp.asarray(list(suppress_ids), jnp.int32)
+
+    def generate_fn(params, prompts, lengths, rng):
+        cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_decode_length)
+
+        def step_fn(tokens, input_mask, positions, cache):
+            logits, mutated = module.apply(
+                {"params": params, "cache": cache},
+                tokens,
+                positions=positions,
+                input_mask=input_mask,
+                decode=True,
+                mutable=["cache"],
+            )
+            if len(suppress_ids):
+                logits = logits.at[..., suppress].set(-jnp.inf)
+            return logits, mutated["cache"]
+
+        return decoding.decode(
+            step_fn,
+            prompts,
+            lengths,
+            cache,
+            max_decode_length=max_decode_length,
+            eos_id=eos_id,
+            rng=rng,
+            temperature=temperature,
+            top_k=top_k,
+        )
+
+    return jax.jit(generate_fn)
+
+
+def pad_prompts(
+    prompt_ids: Sequence[Sequence[int]], bucket: int = _PROMPT_BUCKET
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads id lists into [b, P] (P a multiple of ``bucket``) and their lengths."""
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompt_ids)
+    width = -(-longest // bucket) * bucket
+    out = np.zeros((len(prompt_ids), width), np.int32)
+    for i, p in enumerate(prompt_ids):
+        out[i, : len(p)] = p
+    return out, np.array([len(p) for p in prompt_ids], np.int32)
+
+
+def generate_ids(
+    cfg: DecoderConfig,
+    params: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_decode_length: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    suppress_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Continuations (up to and excluding EOS) of already tokenized prompts."""
+    fn = make_generate_fn(cfg, max_decode_length, eos_id, temperature, top_k, suppress_ids)
+    prompts, lengths = pad_prompts(prompt_ids)
+    tokens, _ = fn(params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.PRNGKey(seed))
+    out = []
+    for row in np.asarray(tokens).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(row)
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if not FLAGS.checkpoint or not FLAGS.prompt:
+        raise app.UsageError("need --checkpoint and at least one --prompt")
+    t0 = time.time()
+    cfg, params, tokenizer = load_model(FLAGS.checkpoint, FLAGS.config)
+    if tokenizer is None:
+        raise app.UsageError("the checkpoint has no tokenizer; pass --config=<imported dir>")
+    texts = list(FLAGS.prompt)
+    if FLAGS.chat:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], system_prompt=FLAGS.system_prompt
+            )
+            for t in texts
+        ]
+    prompt_ids = [
+        ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(t) for t in texts
+    ]
+    outputs = generate_ids(
+        cfg,
+        params,
+        prompt_ids,
+        max_decode_length=FLAGS.max_decode_length,
+        eos_id=tokenizer.eos_id,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        seed=FLAGS.seed,
+    )
+    for text, ids in zip(FLAGS.prompt, outputs, strict=True):
+        if len(outputs) > 1:
+            print(f"=== {text}")
+        print(tokenizer.decode(ids, skip_special_tokens=True))
+        if FLAGS.show_ids:
+            print(f"ids: {ids}")
+    print(f"[{time.time() - t0:.1f}s on {jax.devices()[0].platform}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

