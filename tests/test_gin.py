@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gin
 import pytest
 from conftest import REPO_ROOT
 
-import gin
 from user_llm import gin_utils
 from user_llm.gin_utils import GinConfigError
 

@@ -11,7 +11,7 @@ from conftest import tiny_decoder_config
 
 from user_llm.decoder import Decoder
 from user_llm.models import DecoderOnlyModel
-from user_llm.train import make_train_step
+from user_llm.train_step import make_train_step
 
 
 def _setup(accumulation_steps=1, lr=3e-3):

@@ -19,7 +19,7 @@ from user_llm.decoder import Decoder
 from user_llm.integration import IntegrationConfig, UserLLM
 from user_llm.models import UserEncoderModel, UserLLMModel, param_shapes_and_axes
 from user_llm.perceiver import PerceiverConfig, PerceiverResampler
-from user_llm.train import make_train_step
+from user_llm.train_step import make_train_step
 from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
 
 GOLDEN = REPO_ROOT / "tests" / "testdata" / "user_llm_params.json"

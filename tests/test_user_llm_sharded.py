@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from user_llm.integration import IntegrationConfig, UserLLM
     from user_llm.models import UserLLMModel
     from user_llm.perceiver import PerceiverConfig
-    from user_llm.train import make_train_step
+    from user_llm.train_step import make_train_step
     from user_llm.user_encoder import UserEncoderConfig
 
     assert len(jax.devices()) == 8

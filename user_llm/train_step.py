@@ -1,0 +1,98 @@
+"""The jitted update and eval steps, free of TensorFlow, gin and the input pipeline, so that
+benchmarks and accelerator checks can compile exactly what ``user_llm.train`` runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from user_llm import strategies
+from user_llm.models import DecoderOnlyModel
+
+Array = jax.Array
+
+
+def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array]:
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch of {x.shape[0]} not divisible into {num} microbatches")
+        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    model: DecoderOnlyModel,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    accumulation_steps: int,
+    use_dropout: bool,
+    strategy: str | strategies.Table = "full",
+) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
+    """One optimizer update from one global batch, split into ``accumulation_steps`` pieces.
+
+    Losses and gradients are summed over microbatches and divided by the total target-token
+    weight once, so accumulation gives the same update as one big batch. Parameters that the
+    ``strategy`` freezes pass through the step untouched (``optimizer`` must be built with
+    ``strategies.masked_optimizer`` for the same strategy).
+    """
+
+    def grad_terms(params, microbatch, rng):
+        def summed(p):
+            loss, weight, metrics = model.loss_terms(p, microbatch, rng if use_dropout else None)
+            return loss, (weight, metrics)
+
+        (loss, (weight, metrics)), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        return loss, weight, metrics, grads
+
+    def train_step(state, batch, rng):
+        params = state["params"]
+        rng = jax.random.fold_in(rng, state["step"])
+        micro = _split_microbatches(batch, accumulation_steps)
+
+        def body(carry, xs):
+            i, mb = xs
+            loss, weight, metrics, grads = grad_terms(params, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree_util.tree_map(jnp.add, carry, (loss, weight, metrics, grads))
+            return acc, None
+
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like,
+            jax.eval_shape(grad_terms, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng),
+        )
+        (loss, weight, metrics, grads), _ = jax.lax.scan(
+            body, zeros, (jnp.arange(accumulation_steps), micro)
+        )
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        trainable = strategies.trainable_mask(params, strategy)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = strategies.apply_updates(params, updates, trainable)
+        leaves = zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True
+        )
+        trained_grads = [g for g, t in leaves if t]
+        out = {
+            "loss": loss / denom,
+            "cross_entropy": metrics["cross_entropy_sum"] / denom,
+            "accuracy": metrics["correct_sum"] / denom,
+            "grad_norm": optax.global_norm(trained_grads),
+            "learning_rate": schedule(state["step"]),
+            "num_tokens": weight,
+        }
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, dict], dict]:
+    def eval_step(params, batch):
+        loss, weight, metrics = model.loss_terms(params, batch, None)
+        return {"loss_sum": loss, "weight": weight, "correct_sum": metrics["correct_sum"]}
+
+    return eval_step
