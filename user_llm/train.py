@@ -96,7 +96,7 @@ def train(
     accumulation_steps: int = 1,
     strategy: str = "full",
     mesh: MeshConfig = MeshConfig(),
-    init_checkpoint: InitCheckpoint | None = None,
+    init_checkpoint: InitCheckpoint | Sequence[InitCheckpoint] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Trains ``model`` and returns the final train state (params on device).
@@ -161,8 +161,10 @@ def train(
     else:
         start_step = 0
         state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
-        if init_checkpoint is not None:
-            state = _warm_start(state, init_checkpoint, tx, state_shardings)
+        if init_checkpoint:
+            single = isinstance(init_checkpoint, InitCheckpoint)
+            inits = [init_checkpoint] if single else list(init_checkpoint)
+            state = _warm_start(state, inits, tx, state_shardings)
     if int(state["step"]) != start_step:
         raise checkpoints.CheckpointError(
             f"Checkpoint step directory {start_step} holds a state at step {int(state['step'])}"
@@ -250,20 +252,29 @@ def train(
     return state
 
 
-def _warm_start(state, init: InitCheckpoint, tx, state_shardings) -> dict:
-    """Loads params from ``init`` through its assignment map; optimizer state starts fresh."""
-    source = checkpoints.read_params(init.path)
-    target = checkpoints.flatten(jax.device_get(state["params"]))
-    flat, report = checkpoints.apply_assignment_map(
-        target, source, init.assignment_map, init.fallback_to_scratch
-    )
-    print(
-        f"Warm start from {init.path}: {len(report['restored'])} restored, "
-        f"{len(report['from_scratch'])} from scratch, {len(report['unused_source'])} unused",
-        flush=True,
-    )
-    params = checkpoints.unflatten(flat)
-    params = jax.device_put(params, state_shardings["params"])
+def _warm_start(state, inits: Sequence[InitCheckpoint], tx, state_shardings) -> dict:
+    """Loads params from each ``InitCheckpoint`` in turn through its assignment map (a later
+    source overrides an earlier one); optimizer state starts fresh.
+
+    User-LLM's phase 2 uses two sources: the LLM (``decoder/...``) and the phase-1 encoder
+    (``user_encoder/...``); the integration parameters start from scratch.
+    """
+    flat = checkpoints.flatten(jax.device_get(state["params"]))
+    restored: set[str] = set()
+    for init in inits:
+        source = checkpoints.read_params(init.path)
+        flat, report = checkpoints.apply_assignment_map(
+            flat, source, init.assignment_map, init.fallback_to_scratch
+        )
+        restored.update(report["restored"])
+        print(
+            f"Warm start from {init.path}: {len(report['restored'])} restored, "
+            f"{len(report['from_scratch'])} not from this source, "
+            f"{len(report['unused_source'])} unused source parameters",
+            flush=True,
+        )
+    print(f"Warm start: {len(flat) - len(restored)} parameters from scratch", flush=True)
+    params = jax.device_put(checkpoints.unflatten(flat), state_shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
     return {"step": state["step"], "params": params, "opt_state": opt_state}
 
