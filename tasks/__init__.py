@@ -1,0 +1,23 @@
+"""SeqIO task registration, one module per dataset family.
+
+Importing this package registers nothing (and imports no TensorFlow); import a family module
+(``tasks.movielens``, ``tasks.amazon_reviews``, ``tasks.google_local``, ``tasks.movielens_lm``)
+to register its tasks with the byte vocabulary, or call ``register_tasks`` to register every
+family's User-LLM tasks with another vocabulary under a name suffix.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+FAMILY_MODULES = ("tasks.movielens", "tasks.amazon_reviews", "tasks.google_local")
+
+
+def register_tasks(vocabulary: Any, name_suffix: str = "") -> list[str]:
+    """Registers every family's User-LLM tasks with ``vocabulary`` (a ``seqio.Vocabulary``),
+    named ``{dataset}_{task}_{form}_h{L}{name_suffix}`` (e.g. suffix ``"_smollm2"``)."""
+    names: list[str] = []
+    for module in FAMILY_MODULES:
+        names += importlib.import_module(module).register_tasks(vocabulary, name_suffix)
+    return names

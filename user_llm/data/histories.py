@@ -96,6 +96,19 @@ class Histories:
     item_ids: np.ndarray  # item_index -> item_id (every item, in vocabulary or not)
     item_titles: np.ndarray  # item_index -> title ("" without metadata)
     num_users_dropped: int
+    # Every kept user's full chronological item_index sequence (all splits), as CSR:
+    # user u's items are user_items[user_offsets[u]:user_offsets[u + 1]]. Candidate sampling
+    # needs it to exclude every item a user ever interacted with.
+    user_offsets: np.ndarray | None = None
+    user_items: np.ndarray | None = None
+    # split -> each example's target row in the input ``interactions`` table (e.g. to fetch the
+    # review text for review generation). Depends on the input row order, unlike ``splits``.
+    target_rows: dict[str, np.ndarray] | None = None
+
+    def items_of_user(self, user_index: int) -> np.ndarray:
+        """item_index of every interaction of ``user_index``, oldest first."""
+        lo, hi = self.user_offsets[user_index], self.user_offsets[user_index + 1]
+        return self.user_items[lo:hi]
 
 
 def _vocabulary(codes: np.ndarray, names: np.ndarray, min_count: int = 1):
@@ -128,11 +141,9 @@ def build_histories(
 
     # ---- codes: users and items in sorted-id order, so every tie-break is reproducible.
     user_codes, user_ids = sorted_codes(pa.array(interactions["user_id"].array))
-    all_item_ids = pa.concat_arrays(
-        [
-            pa.array(np.asarray(items["item_id"], dtype=object), type=pa.string()),
-            pa.array(np.asarray(interactions["item_id"], dtype=object), type=pa.string()),
-        ]
+    # Arrow strings throughout: a 20M-row column as Python str objects would cost >1 GB.
+    all_item_ids = pa.chunked_array(
+        [_arrow_str(items["item_id"]), _arrow_str(interactions["item_id"])], type=pa.string()
     )
     item_codes_all, item_ids = sorted_codes(all_item_ids)
     item_codes = item_codes_all[len(items) :]
@@ -151,31 +162,33 @@ def build_histories(
     num_dropped = int(len(user_ids) - len(kept_users))
     if len(order) == 0:
         raise ValueError(f"no user has >= {config.min_interactions} interactions")
-    remap = np.full(len(user_ids), -1, dtype=np.int64)
-    remap[kept_users] = np.arange(len(kept_users))
+    remap = np.full(len(user_ids), -1, dtype=np.int32)
+    remap[kept_users] = np.arange(len(kept_users), dtype=np.int32)
     user = remap[user_codes[order]]
     user_ids = user_ids[kept_users]
     item = item_codes[order]
     ts = timestamps[order]
     rating = ratings[order]
     n_rows = len(order)
+    del user_codes, item_codes, timestamps, ratings, keep_row, remap
 
     length = np.bincount(user, minlength=len(user_ids))
     start = np.concatenate([[0], np.cumsum(length)[:-1]])
-    pos = np.arange(n_rows) - start[user]
-    n_of_row = length[user]
-    is_train_row = pos <= n_of_row - 3
+    pos = (np.arange(n_rows, dtype=np.int64) - start[user]).astype(np.int32)
+    is_train_row = pos <= length[user] - 3
 
     # ---- categories per row: flat values in row order, global codes sorted by name.
     cat_lists = arrow_lists(interactions["categories"]).take(pa.array(order))
     offsets = cat_lists.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]
     flat = cat_lists.flatten()
+    del cat_lists
     if len(flat):
         cat_codes, cat_names = sorted_codes(flat)
     else:
-        cat_codes, cat_names = np.zeros(0, np.int64), np.zeros(0, dtype=object)
-    cat_row = np.repeat(np.arange(n_rows), np.diff(offsets))
+        cat_codes, cat_names = np.zeros(0, np.int32), np.zeros(0, dtype=object)
+    del flat
+    cat_row = np.repeat(np.arange(n_rows, dtype=np.int32), np.diff(offsets))
 
     # ---- vocabularies from training rows only.
     item_vocab, item_to_id = _vocabulary(item[is_train_row], item_ids, config.min_item_count)
@@ -186,10 +199,12 @@ def build_histories(
     rating_ids = rating_vocab.lookup(rating)
 
     # Row -> first G category ids.
-    rank = np.arange(len(cat_codes)) - offsets[cat_row]
-    row_cats = np.zeros((n_rows, G), dtype=np.int32)
+    rank = np.arange(len(cat_codes), dtype=np.int64) - offsets[cat_row]
+    # Smallest dtype that holds the ids (int16 for any realistic genre / category vocabulary).
+    row_cats = np.zeros((n_rows, G), dtype=np.int16 if cat_vocab.size < 2**15 else np.int32)
     sel = rank < G
     row_cats[cat_row[sel], rank[sel]] = cat_to_id[cat_codes[sel]]
+    del rank, sel, cat_row
 
     row_time = time_buckets(ts, pos == 0, config.num_time_buckets)
     row_item_ids = item_to_id[item]
@@ -208,7 +223,7 @@ def build_histories(
         "test": last,
     }
 
-    splits = {}
+    splits, target_rows = {}, {}
     for name, target in targets.items():
         target = np.asarray(target, dtype=np.int64)
         u = user[target]
@@ -216,22 +231,24 @@ def build_histories(
         hist_len = (target - window_start).astype(np.int32)
         idx = window_start[:, None] + np.arange(L)[None, :]
         mask = np.arange(L)[None, :] < hist_len[:, None]
-        idx = np.where(mask, idx, 0)
-        fav_code = _favorite(window_start, target, offsets, cat_codes)
+        idx = np.where(mask, idx, 0).astype(np.int32 if n_rows < 2**31 else np.int64)
+        pad = ~mask
+        fav_code = _favorite_chunked(window_start, target, offsets, cat_codes)
         fav_name = np.full(len(target), "", dtype=object)
         fav_id = np.zeros(len(target), dtype=np.int32)
         has_fav = fav_code >= 0
         fav_name[has_fav] = cat_names[fav_code[has_fav]]
         fav_id[has_fav] = cat_to_id[fav_code[has_fav]]
+        # Gather, then zero the padding in place: one [E, L(, G)] array per feature, not three.
         splits[name] = {
             "user_index": u.astype(np.int32),
-            "user_item_ids": np.where(mask, row_item_ids[idx], PAD_ID).astype(np.int32),
-            "user_item_index": np.where(mask, item[idx], -1).astype(np.int32),
-            "user_ratings": np.where(mask, rating_ids[idx], PAD_ID).astype(np.int32),
-            "user_rating_values": np.where(mask, rating[idx], 0).astype(np.float32),
-            "user_genres": np.where(mask[..., None], row_cats[idx], PAD_ID).astype(np.int32),
-            "user_timestamps": np.where(mask, ts[idx], 0).astype(np.int64),
-            "user_time_buckets": np.where(mask, row_time[idx], PAD_ID).astype(np.int32),
+            "user_item_ids": _gather(row_item_ids, idx, pad, PAD_ID, np.int32),
+            "user_item_index": _gather(item, idx, pad, -1, np.int32),
+            "user_ratings": _gather(rating_ids, idx, pad, PAD_ID, np.int32),
+            "user_rating_values": _gather(rating, idx, pad, 0, np.float32),
+            "user_genres": _gather(row_cats, idx, pad, PAD_ID, np.int32),
+            "user_timestamps": _gather(ts, idx, pad, 0, np.int64),
+            "user_time_buckets": _gather(row_time, idx, pad, PAD_ID, np.int32),
             "user_mask": mask,
             "history_length": hist_len,
             "target_position": pos[target].astype(np.int32),
@@ -242,7 +259,13 @@ def build_histories(
             "target_timestamp": ts[target],
             "favorite_genre": fav_name,
             "favorite_genre_id": fav_id,
+            # The target interaction's own features (encoder pretraining appends them).
+            "target_rating_id": rating_ids[target].astype(np.int32),
+            "target_genres": row_cats[target].astype(np.int32),
+            "target_time_bucket": row_time[target],
         }
+        target_rows[name] = order[target].astype(np.int64)
+        del idx, pad
     return Histories(
         config=config,
         splits=splits,
@@ -251,7 +274,40 @@ def build_histories(
         item_ids=item_ids,
         item_titles=item_titles,
         num_users_dropped=num_dropped,
+        user_offsets=np.concatenate([[0], np.cumsum(length)]).astype(np.int64),
+        user_items=item.astype(np.int32),
+        target_rows=target_rows,
     )
+
+
+def _arrow_str(column: pd.Series) -> pa.Array:
+    """A str column as an Arrow string array without materializing Python strings."""
+    arr = pa.array(column.array, from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.string())
+
+
+def _gather(values: np.ndarray, idx: np.ndarray, pad: np.ndarray, fill, dtype) -> np.ndarray:
+    """``values[idx]`` with ``fill`` where ``pad`` (broadcast over trailing axes)."""
+    out = values[idx].astype(dtype, copy=False)
+    out[pad] = fill
+    return out
+
+
+def _favorite_chunked(
+    window_start: np.ndarray,
+    target: np.ndarray,
+    offsets: np.ndarray,
+    cat_codes: np.ndarray,
+    chunk: int = 65536,
+) -> np.ndarray:
+    """``_favorite`` over blocks of examples, so its flat temporaries stay small."""
+    parts = [
+        _favorite(window_start[i : i + chunk], target[i : i + chunk], offsets, cat_codes)
+        for i in range(0, len(target), chunk)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _sort_rating_vocab(vocab: Vocabulary) -> Vocabulary:

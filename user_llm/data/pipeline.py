@@ -30,13 +30,34 @@ class DatasetConfig:
     pack: bool = False
     use_cached: bool = False
     # For prefix-LM tasks (features "inputs" and "targets"): decoder-only prefix LM layout.
+    # Kept for old configs; ``converter`` (when set) takes precedence.
     prefix_lm: bool = False
+    # "decoder" | "prefix_lm" | "user_prefix_lm" (User-LLM: + user_* arrays, unpacked) |
+    # "user_features" (encoder pretraining: user_* arrays only). None: from ``prefix_lm``.
+    converter: str | None = None
+    # Further features the user_* converters keep (e.g. ("candidate_item_index",)).
+    passthrough_features: tuple[str, ...] = ()
+
+
+CONVERTERS = ("decoder", "prefix_lm", "user_prefix_lm", "user_features")
 
 
 def feature_converter(cfg: DatasetConfig) -> seqio.FeatureConverter:
-    if cfg.prefix_lm:
+    """The SeqIO feature converter ``cfg`` selects (see ``DatasetConfig.converter``)."""
+    from user_llm.data import feature_converters as fc
+
+    name = cfg.converter or ("prefix_lm" if cfg.prefix_lm else "decoder")
+    if name == "decoder":
+        return seqio.DecoderFeatureConverter(pack=cfg.pack)
+    if name == "prefix_lm":
         return seqio.PrefixLMFeatureConverter(pack=cfg.pack)
-    return seqio.DecoderFeatureConverter(pack=cfg.pack)
+    if name == "user_prefix_lm":
+        return fc.UserPrefixLMFeatureConverter(
+            pack=cfg.pack, passthrough=tuple(cfg.passthrough_features)
+        )
+    if name == "user_features":
+        return fc.UserFeaturesConverter(pack=cfg.pack, passthrough=tuple(cfg.passthrough_features))
+    raise ValueError(f"unknown converter {name!r}; expected one of {CONVERTERS}")
 
 
 def get_dataset(

@@ -103,6 +103,7 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
             delimiter="\t", header=False, quoting=False,
         )  # fmt: skip
     report.rows_read += table.num_rows + report.num_skipped - skipped_before
+    del data  # the raw file (hundreds of MB for ml-20m) is no longer needed
     df = pd.DataFrame(
         {
             "user_id": pc.cast(table["user"], pa.string()).to_pandas(),
@@ -113,6 +114,7 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
             "_line": table["_line"].to_numpy(),
         }
     )
+    del table
     users_seen = df["user_id"].nunique()
     lo, hi = RATING_RANGE
     rating = df["rating"].to_numpy()

@@ -1,0 +1,244 @@
+"""Shared SeqIO registration for the User-LLM tasks of every dataset family.
+
+Task names: ``{dataset}_{task}_{form}_h{history_length}{suffix}``, e.g.
+``movielens_next_item_userllm_h50``, ``movielens_next_item_tp_h50``,
+``amazon_reviews_review_gen_userllm_h20``, and ``{dataset}_encoder_pretrain_h{L}{suffix}``.
+
+Data is read lazily, at dataset-build time, from the directory named by the family's
+environment variable (else its default), so registering never touches the disk and a task
+whose files are absent still registers but fails with a message naming the variable. Histories
+are built once per (dataset, data_dir, history config) in this process and shared by every
+task that uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from user_llm.data import features as F
+from user_llm.data import readers
+from user_llm.data.histories import Histories, HistoryConfig, build_histories
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HISTORY_LENGTHS = (20, 50, 100, 200)
+SPLITS = ("train", "validation", "test")
+CANDIDATE_FEATURES = ("candidate_item_index", "candidate_item_ids", "candidate_label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A dataset family: where its files are and which tasks it supports."""
+
+    name: str  # "movielens"; also the ``readers.load`` dataset name
+    env_var: str
+    default_dir: str | None  # None: the reader's own default (MovieLens: bundled archive)
+    text: F.DatasetText
+    tasks: tuple[str, ...]
+    # Task-name spelling of favorite_genre (e.g. "favorite_category" for reviews datasets).
+    favorite_name: str = "favorite_genre"
+    history_lengths: tuple[int, ...] = DEFAULT_HISTORY_LENGTHS
+    min_interactions: int = 5
+
+    def task_label(self, task: str) -> str:
+        return self.favorite_name if task == "favorite_genre" else task
+
+
+class MissingDataError(FileNotFoundError):
+    """A task's data files are absent; the message says which env var / files to provide."""
+
+
+def resolve_data_dir(family: Family) -> str | None:
+    """The family's data directory (env var, else default); raises if it does not exist."""
+    value = os.environ.get(family.env_var) or family.default_dir
+    if value is None:
+        if family.name == "movielens":
+            return None  # the bundled ml-latest-small
+        raise MissingDataError(
+            f"{family.name} tasks need data: set {family.env_var} to a folder of the release "
+            "files (see user_llm/data/readers)."
+        )
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise MissingDataError(
+            f"{family.name} data not found at {path}: set {family.env_var} to a folder holding "
+            "the release files (see user_llm/data/readers)."
+        )
+    return str(path)
+
+
+def data_available(family: Family) -> bool:
+    """Whether the family's tasks can be built here (without reading the data)."""
+    try:
+        resolve_data_dir(family)
+    except MissingDataError:
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Histories plus what tasks need beyond them, cached per (dataset, dir, config)."""
+
+    histories: Histories
+    review_texts: dict[str, np.ndarray]  # split -> review text of each target interaction
+
+    @functools.cached_property
+    def negatives(self) -> np.ndarray:
+        return F.user_negatives(self.histories)
+
+
+@functools.lru_cache(maxsize=8)
+def task_data(dataset: str, data_dir: str | None, config: HistoryConfig) -> TaskData:
+    """Reads the dataset and builds its histories once per process (several tasks share it)."""
+    interactions, items, _ = readers.load(dataset, data_dir)
+    h = build_histories(interactions, items, config)
+    reviews = interactions["review_text"].to_numpy(dtype=object)
+    review_texts = {s: reviews[h.target_rows[s]] for s in SPLITS}
+    return TaskData(histories=h, review_texts=review_texts)
+
+
+def family_task_data(family: Family, history_length: int) -> TaskData:
+    return _family_task_data(family, resolve_data_dir(family), history_length)
+
+
+def _family_task_data(family: Family, data_dir: str | None, history_length: int) -> TaskData:
+    config = HistoryConfig(
+        max_history_length=history_length, min_interactions=family.min_interactions
+    )
+    return task_data(family.name, data_dir, config)
+
+
+@functools.lru_cache(maxsize=32)
+def _examples(
+    family: Family, data_dir: str | None, history_length: int, task: str, form: str, split: str
+):
+    data = _family_task_data(family, data_dir, history_length)
+    return F.task_examples(
+        data.histories,
+        split,
+        task,
+        form,
+        family.text,
+        review_texts=data.review_texts[split],
+        negatives=data.negatives if task == "next_item" else None,
+    )
+
+
+def examples(family: Family, history_length: int, task: str, form: str, split: str):
+    """The numpy examples of one task split (cached; used by sources, tests and eval)."""
+    return _examples(family, resolve_data_dir(family), history_length, task, form, split)
+
+
+def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Callable:
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # one in-memory "file"; the task's shuffle buffer shuffles
+        ex = examples(family, history_length, task, form, split)
+        return tf.data.Dataset.from_tensor_slices(
+            {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in ex.items()}
+        )
+
+    return dataset_fn
+
+
+def int_feature(rank: int) -> seqio.Feature:
+    """A non-text int32 feature (user arrays, candidates): passed through untokenized."""
+    return seqio.Feature(
+        vocabulary=seqio.PassThroughVocabulary(1),
+        add_eos=False,
+        dtype=tf.int32,
+        rank=rank,
+        required=False,
+    )
+
+
+def user_output_features() -> dict[str, seqio.Feature]:
+    return {k: int_feature(2 if k == "user_genres" else 1) for k in F.ENCODER_FEATURES}
+
+
+def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
+    """``seqio.preprocessors.tokenize`` on the text features only, so int arrays do not get
+    ``*_pretokenized`` copies (a ``user_*_pretokenized`` key would look like a user feature)."""
+    text = {
+        k: v
+        for k, v in output_features.items()
+        if not isinstance(v.vocabulary, seqio.PassThroughVocabulary)
+    }
+    return seqio.preprocessors.tokenize(dataset, text)
+
+
+def task_name(dataset: str, task: str, form: str | None, history_length: int, suffix: str = ""):
+    """``{dataset}_{task}_{form}_h{L}{suffix}`` (no form for encoder pretraining)."""
+    parts = [dataset, task] + ([form] if form else []) + [f"h{history_length}"]
+    return "_".join(parts) + suffix
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Recall@1 by exact match after lower-casing and stripping punctuation."""
+    hits = [_normalize(t) == _normalize(p) for t, p in zip(targets, predictions, strict=True)]
+    return {"exact_match": 100.0 * float(np.mean(hits)) if hits else 0.0}
+
+
+def register_family(
+    family: Family,
+    vocabulary: seqio.Vocabulary | None = None,
+    name_suffix: str = "",
+    history_lengths: Sequence[int] | None = None,
+) -> list[str]:
+    """Registers every task of ``family`` (both forms, each history length); returns names.
+
+    Re-registering an existing name is a no-op, so importing twice is harmless.
+    """
+    vocabulary = vocabulary or seqio.ByteVocabulary()
+    text = {
+        "inputs": seqio.Feature(vocabulary, add_eos=True),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
+    text_preprocessors = [tokenize_text, seqio.preprocessors.append_eos_after_trim]
+    names = []
+    for length in history_lengths or family.history_lengths:
+        for task in family.tasks:
+            forms = (None,) if task == "encoder_pretrain" else F.FORMS
+            for form in forms:
+                name = task_name(family.name, family.task_label(task), form, length, name_suffix)
+                names.append(name)
+                if name in seqio.TaskRegistry.names():
+                    continue
+                if task == "encoder_pretrain":
+                    output_features = user_output_features()
+                    preprocessors = []
+                else:
+                    output_features = dict(text)
+                    if form == "userllm":
+                        output_features.update(user_output_features())
+                    if task == "next_item":
+                        output_features.update(
+                            candidate_item_index=int_feature(1),
+                            candidate_item_ids=int_feature(1),
+                            candidate_label=int_feature(0),
+                        )
+                    preprocessors = list(text_preprocessors)
+                seqio.TaskRegistry.add(
+                    name,
+                    source=seqio.FunctionDataSource(
+                        _dataset_fn(family, length, task, form or ""), splits=SPLITS
+                    ),
+                    preprocessors=preprocessors,
+                    output_features=output_features,
+                    metric_fns=[exact_match] if task in ("next_item", "favorite_genre") else [],
+                )
+    return names
