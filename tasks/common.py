@@ -242,3 +242,33 @@ def register_family(
                     metric_fns=[exact_match] if task in ("next_item", "favorite_genre") else [],
                 )
     return names
+
+
+FAMILIES_BY_NAME: dict[str, str] = {
+    "movielens": "tasks.movielens",
+    "amazon_reviews": "tasks.amazon_reviews",
+    "google_local": "tasks.google_local",
+}
+
+
+def encoder_feature_sizes(dataset: str, history_length: int, kind: str) -> dict[str, int]:
+    """Vocabulary sizes of a family's encoder features, for ``UserEncoderConfig`` in gin.
+
+    kind: "categorical" (item ids, rating and time buckets) or "multivalued" (genres).
+    Sizes come from the same cached histories the tasks read, so they always agree.
+    """
+    import importlib
+
+    if dataset not in FAMILIES_BY_NAME:
+        raise ValueError(f"Unknown dataset {dataset!r}; use one of {sorted(FAMILIES_BY_NAME)}")
+    family = importlib.import_module(FAMILIES_BY_NAME[dataset]).FAMILY
+    h = family_task_data(family, history_length).histories
+    if kind == "categorical":
+        return {
+            "user_item_ids": h.vocabularies["item"].size,
+            "user_ratings": h.vocabularies["rating"].size,
+            "user_time_buckets": h.config.num_time_buckets,
+        }
+    if kind == "multivalued":
+        return {"user_genres": h.vocabularies["genre"].size}
+    raise ValueError(f"kind must be 'categorical' or 'multivalued', got {kind!r}")

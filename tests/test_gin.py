@@ -19,22 +19,32 @@ REQUIRED_VALUES = {
     "MIXTURE_OR_TASK_NAME": "'movielens_titles_lm'",
     "TASK_FEATURE_LENGTHS": "{'targets': 16}",
     "TRAIN_STEPS": "1",
+    "LLM_CHECKPOINT": "'/tmp/unused_llm'",
+    "ENCODER_CHECKPOINT": "'/tmp/unused_encoder'",
 }
 # Overlays are not standalone: they are composed on top of an experiment.
 OVERLAYS = {"local_tiny.gin"}
 BASE_FOR_OVERLAY = "experiments/movielens_titles_lm.gin"
 
 
-# Run files take the model from a model file composed before them.
-MODEL_FOR_RUN = "models/llm/decoder_tiny.gin"
+# Files that are not standalone, and what they are composed after.
+TINY_LLM, AR = "models/llm/decoder_tiny.gin", "models/user_encoder/ar.gin"
+XATTN = "models/integration/cross_attention.gin"
+COMPOSED_AFTER = {
+    "runs/train_lm.gin": [TINY_LLM],
+    "runs/pretrain_encoder.gin": [AR, "models/encoder_pretrain.gin"],
+    "runs/finetune_user_llm.gin": [TINY_LLM, AR, XATTN],
+    "models/encoder_pretrain.gin": [AR],
+    XATTN: [TINY_LLM, AR],
+    "models/integration/soft_prompt.gin": [TINY_LLM, AR],
+    "models/integration/perceiver.gin": [TINY_LLM, AR, XATTN],
+}
 
 
 def _files_for(name: str) -> list[str]:
     if name in OVERLAYS:
         return [BASE_FOR_OVERLAY, name]
-    if name.startswith("runs/"):
-        return [MODEL_FOR_RUN, name]
-    return [name]
+    return COMPOSED_AFTER.get(name, []) + [name]
 
 
 def _bindings_for(files: list[str]) -> list[str]:
@@ -58,6 +68,12 @@ def test_every_gin_file_parses_finalizes_and_builds(name):
         if _has_macro("MODEL"):
             model = gin.query_parameter("%MODEL").scoped_configurable_fn()
             assert model.module.config.num_layers > 0
+            if "integration/" in name:
+                module = model.module
+                mode = "soft_prompt" if "soft_prompt" in name else "cross_attention"
+                assert module.integration.mode == mode
+                assert bool(module.decoder_config.cross_attention_layers) == (mode != "soft_prompt")
+                assert module.integration.use_perceiver == name.endswith("perceiver.gin")
         if "runs/" in name or "experiments/" in name or name in OVERLAYS:
             from user_llm import train as train_lib
 
@@ -78,8 +94,11 @@ def _has_macro(name: str) -> bool:
 
 def test_run_files_open_with_their_required_macros():
     for path in (GIN_DIR / "runs").glob("*.gin"):
-        head = path.read_text().split("from __gin__")[0]
-        for macro in gin_utils.required_macros([str(path)], ()):
+        text = path.read_text()
+        head = text.split("from __gin__")[0].split("include ")[0]
+        declared = gin_utils._REQUIRED_MACRO.findall(text)
+        assert declared, f"{path.name} declares no REQUIRED macro"
+        for macro in declared:
             assert macro in head, f"{path.name} does not list REQUIRED macro {macro} at the top"
 
 

@@ -110,6 +110,20 @@ def parse_gin(
         gin.finalize()
 
 
+def query_values(selector: str, names: Sequence[str]) -> dict[str, Any]:
+    """The bound values of ``selector``'s parameters, references and macros instantiated.
+
+    Lets eval / export entry points reuse a training run's gin files.
+    """
+    out = {}
+    for name in names:
+        value = gin.query_parameter(f"{selector}.{name}")
+        if isinstance(value, gin.config.ConfigurableReference):
+            value = value.scoped_configurable_fn()
+        out[name] = value
+    return out
+
+
 def parse_and_run(argv: Sequence[str], fn: Callable[..., Any]) -> Any:
     """Parses the gin flags and calls the gin-configured ``fn``."""
     if len(argv) > 1:

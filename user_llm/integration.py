@@ -42,6 +42,13 @@ class IntegrationConfig:
             raise ValueError(f"encoder_kind must be one of {ENCODERS}, got {self.encoder_kind!r}")
 
 
+def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
+    """Layers k-1, 2k-1, ... (k=1: all): where cross-attention blocks go."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return tuple(i for i in range(num_layers) if (i + 1) % k == 0)
+
+
 class Projector(nn.Module):
     """Encoder width -> LLM width."""
 

@@ -89,23 +89,20 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str) 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
     """NamedShardings for a tree whose leaves are boxed with logical axes (or plain, replicated).
 
-    Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
+    Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``). The result has
+    the structure of the unboxed tree (empty nodes such as optax's ``MaskedNode`` included).
     """
-    specs = nn.get_partition_spec(boxed_tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
-    shapes = nn.unbox(boxed_tree)
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    flat_specs, treedef = jax.tree_util.tree_flatten(mesh_specs, is_leaf=is_spec)
-    flat_shapes = treedef.flatten_up_to(shapes)
-    paths = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)[0]
-    ]
-    out = [
-        NamedSharding(mesh, _fit_spec(spec, np.shape(leaf), mesh, path))
-        for spec, leaf, path in zip(flat_specs, flat_shapes, paths, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+
+    def one(path, leaf):
+        names, value = (leaf.names, leaf.value) if is_box(leaf) else ((), leaf)
+        if not jax.tree_util.tree_leaves(value):
+            return value  # a box around an empty node (e.g. optax's MaskedNode): no array
+        spec = nn.logical_to_mesh_axes(names, rules) if names else PartitionSpec()
+        shape = tuple(getattr(value, "shape", ()))
+        return NamedSharding(mesh, _fit_spec(spec, shape, mesh, jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(one, boxed_tree, is_leaf=is_box)
 
 
 def data_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:

@@ -134,7 +134,9 @@ def train(
     micro = train_dataset_cfg.batch_size // accumulation_steps
     input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}
     input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
-    tokens_per_batch = train_dataset_cfg.batch_size * int(
+    # Throughput unit: target tokens for LMs, examples for encoder pretraining.
+    unit = "tokens" if "decoder_input_tokens" in input_shapes else "examples"
+    per_batch = train_dataset_cfg.batch_size * int(
         np.prod(input_shapes.get("decoder_input_tokens", (1, 1))[1:])
     )
 
@@ -236,7 +238,7 @@ def train(
             elapsed = max(time.time() - last_time, 1e-9)
             rate = (done - last_step) / elapsed
             metrics["steps_per_sec"] = rate
-            metrics["tokens_per_sec"] = rate * tokens_per_batch
+            metrics[f"{unit}_per_sec"] = rate * per_batch
             remaining = (num_train_steps - done) / max(rate, 1e-9)
             _log(writer, done, metrics, "train")
             print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
