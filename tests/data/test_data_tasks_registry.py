@@ -168,54 +168,13 @@ def test_register_tasks_with_another_vocabulary_and_suffix():
     assert again == names
 
 
-# The code of README.md's "Add your own dataset or task" section (kept identical to it).
-README_SNIPPET = '''
-import numpy as np
-import seqio
-import tensorflow as tf
-
-from tasks import common, movielens
-from user_llm.data import features
-
-HISTORY_LENGTH = 20
-
-
-def likes_next_fn(split, shuffle_files, seed=None):
-    """Will the user rate the next movie 4 stars or more? (history as encoder arrays)"""
-    data = common.family_task_data(movielens.FAMILY, HISTORY_LENGTH)  # cached, shared
-    examples = data.histories.splits[split]
-    n = len(examples["user_index"])
-    return tf.data.Dataset.from_tensor_slices(
-        {
-            "inputs": ["Will this user like the next movie?"] * n,
-            "targets": np.where(examples["target_rating"] >= 4.0, "yes", "no").tolist(),
-            **features.user_arrays(examples),  # user_item_ids, user_ratings, ... user_mask
-        }
-    )
-
-
-vocabulary = seqio.ByteVocabulary()
-seqio.TaskRegistry.add(
-    "movielens_likes_next_userllm_h20",
-    source=seqio.FunctionDataSource(likes_next_fn, splits=common.SPLITS),
-    preprocessors=[common.tokenize_text, seqio.preprocessors.append_eos_after_trim],
-    output_features={
-        "inputs": seqio.Feature(vocabulary, add_eos=True),
-        "targets": seqio.Feature(vocabulary, add_eos=True),
-        **common.user_output_features(),
-    },
-    metric_fns=[common.exact_match],
-)
-'''
-
-
 def test_readme_snippet_registers_a_working_task():
-    code = README_SNIPPET
-    readme = (REPO_ROOT / "README.md").read_text() if (REPO_ROOT / "README.md").exists() else ""
+    """The README's "Add your own dataset or task" code, run as a new user would."""
+    readme = (REPO_ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     in_readme = [b for b in blocks if "movielens_likes_next_userllm_h20" in b]
-    if in_readme:
-        code = in_readme[0]
+    assert in_readme, "README.md lost its custom-task example"
+    code = in_readme[0]
     if "movielens_likes_next_userllm_h20" not in seqio.TaskRegistry.names():
         exec(compile(code, "README snippet", "exec"), {"__name__": "readme_snippet"})
     cfg = pipeline.DatasetConfig(
