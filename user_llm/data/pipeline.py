@@ -66,7 +66,6 @@ def get_dataset(
     shard_id: int = 0,
     num_shards: int = 1,
     num_epochs: int | None = None,
-    skip_batches: int = 0,
     drop_remainder: bool = True,
 ) -> tf.data.Dataset:
     """Batched tf.data.Dataset of this host's part of the global batch.
@@ -96,8 +95,6 @@ def get_dataset(
         seed=cfg.seed,
     )
     ds = ds.batch(cfg.batch_size // num_shards, drop_remainder=drop_remainder)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
