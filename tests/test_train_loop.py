@@ -47,7 +47,10 @@ def _final_params(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_cli_smoke_run_writes_config_summaries_and_checkpoints(tmp_path):
-    proc = run_module(_train_args(tmp_path, 20, 10, "--gin.train_lib.train.eval_every_steps=10"))
+    # A relative MODEL_DIR, as the README's main job uses, resolved against the working dir.
+    args = _train_args(Path("smoke"), 20, 10, "--gin.train_lib.train.eval_every_steps=10")
+    proc = run_module(args, cwd=tmp_path)
+    tmp_path = tmp_path / "smoke"
     assert "step 20:" in proc.stdout and "eval/loss" in proc.stdout
     assert (tmp_path / "config.gin").read_text().count("movielens_titles_lm") >= 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
@@ -56,7 +59,7 @@ def test_cli_smoke_run_writes_config_summaries_and_checkpoints(tmp_path):
     ]
     assert any((tmp_path / "summaries").iterdir())
     # Rerunning with the same step count resumes and has nothing left to do.
-    again = run_module(_train_args(tmp_path, 20, 10))
+    again = run_module(_train_args(Path("smoke"), 20, 10), cwd=tmp_path.parent)
     assert "Resumed from checkpoint step 20" in again.stdout
 
 

@@ -53,7 +53,7 @@ class Checkpointer:
     """A ``CheckpointManager`` over ``<model_dir>/checkpoints`` with integrity manifests."""
 
     def __init__(self, model_dir: str | Path, *, keep: int | None = 3, async_save: bool = True):
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir).expanduser().resolve()  # Orbax needs absolute paths
         self.directory = self.model_dir / "checkpoints"
         self.manifest_dir = self.model_dir / MANIFEST_DIR
         self.directory.mkdir(parents=True, exist_ok=True)

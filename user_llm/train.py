@@ -107,7 +107,7 @@ def train(
     """
     from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
 
-    model_dir_path = Path(model_dir)
+    model_dir_path = Path(model_dir).expanduser().resolve()  # Orbax needs absolute paths
     model_dir_path.mkdir(parents=True, exist_ok=True)
     _write_config(model_dir_path)
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
