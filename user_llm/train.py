@@ -196,9 +196,11 @@ def train(
             in_shardings=(state_shardings["params"], batch_sharding),
         )
 
-    writer = metric_writers.create_default_writer(
-        str(model_dir_path / "summaries"), just_logging=jax.process_index() > 0
-    )
+    # TensorBoard summaries from process 0; the console line comes from ``_log``.
+    if jax.process_index() == 0:
+        writer = metric_writers.SummaryWriter(str(model_dir_path / "summaries"))
+    else:
+        writer = metric_writers.MultiWriter([])
 
     def run_eval(step: int) -> dict[str, float]:
         ds = pipeline.get_dataset(
