@@ -109,3 +109,53 @@ def data_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     """Sharding of a batch array: leading dimension by the ``batch`` rule."""
     spec = nn.logical_to_mesh_axes(("batch",), rules)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _bytes_per_device(leaf: Any) -> int:
+    sharding = getattr(leaf, "sharding", None)
+    shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe_state(state: Any, mesh: Mesh, top: int = 5) -> str:
+    """Start-up report: mesh, per-device parameter and optimizer memory, largest arrays.
+
+    Read it before a long job: a parameter that should be sharded but shows ``PartitionSpec()``
+    (replicated) costs its full size on every device, which is how pod jobs run out of memory.
+    Takes a state of arrays or of ``jax.ShapeDtypeStruct`` with shardings; computes nothing.
+    """
+    lines = [
+        f"Mesh {dict(mesh.shape)} over {mesh.size} devices "
+        f"({jax.process_count()} process(es), {jax.local_device_count()} local devices each)"
+    ]
+    for part in ("params", "opt_state"):
+        leaves = [x for x in jax.tree_util.tree_leaves(state.get(part, {})) if hasattr(x, "shape")]
+        total = sum(
+            int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in leaves
+        )
+        per_device = sum(_bytes_per_device(x) for x in leaves)
+        lines.append(
+            f"  {part}: {len(leaves)} arrays, {_format_bytes(total)} in all, "
+            f"{_format_bytes(per_device)} per device"
+        )
+    named = [
+        (jax.tree_util.keystr(path), leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.get("params", {}))
+        if hasattr(leaf, "shape")
+    ]
+    named.sort(key=lambda kv: -int(np.prod(kv[1].shape, dtype=np.int64)))
+    lines.append(f"  largest {min(top, len(named))} parameters (shape -> per-device shape, spec):")
+    for name, leaf in named[:top]:
+        sharding = getattr(leaf, "sharding", None)
+        spec = getattr(sharding, "spec", sharding)
+        local = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        lines.append(f"    {name}: {tuple(leaf.shape)} -> {tuple(local)}, {spec}")
+    return "\n".join(lines)

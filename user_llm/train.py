@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from user_llm import checkpoints, partitioning, strategies
+from user_llm import checkpoints, distributed, partitioning, strategies
 from user_llm.data import pipeline
 from user_llm.models import DecoderOnlyModel
 from user_llm.train_step import make_eval_step, make_train_step
@@ -74,8 +74,9 @@ def _write_config(model_dir: Path) -> None:
 def _log(writer, step: int, metrics: Mapping[str, float], prefix: str) -> None:
     scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
     writer.write_scalars(step, scalars)
-    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    print(f"step {step}: {text}", flush=True)
+    if distributed.is_main_process():
+        text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        print(f"step {step}: {text}", flush=True)
 
 
 def train(
@@ -167,6 +168,8 @@ def train(
             single = isinstance(init_checkpoint, InitCheckpoint)
             inits = [init_checkpoint] if single else list(init_checkpoint)
             state = _warm_start(state, inits, tx, state_shardings)
+    if distributed.is_main_process():
+        print(partitioning.describe_state(state, device_mesh), flush=True)
     if int(state["step"]) != start_step:
         raise checkpoints.CheckpointError(
             f"Checkpoint step directory {start_step} holds a state at step {int(state['step'])}"
@@ -212,16 +215,25 @@ def train(
         )
         totals = {"loss_sum": 0.0, "weight": 0.0, "correct_sum": 0.0}
         local_bs = eval_dataset_cfg.batch_size // jax.process_count()
-        for i, batch in enumerate(pipeline.numpy_batches(ds)):
+        # Hosts' shards can differ by a batch: all run the same steps, the short ones on
+        # zero-weight filler, so every example counts once and no collective waits forever.
+        filler = {
+            k: np.zeros((local_bs, *v.shape[1:]), v.dtype.as_numpy_dtype)
+            for k, v in ds.element_spec.items()
+        }
+        padded = (pipeline.pad_batch(b, local_bs)[0] for b in pipeline.numpy_batches(ds))
+        for i, batch in enumerate(distributed.lockstep(padded, filler)):
             if eval_max_batches is not None and i >= eval_max_batches:
                 break
-            batch, _ = pipeline.pad_batch(batch, local_bs)
             with nn.logical_axis_rules(rules):
                 out = jit_eval(state["params"], _global_batch(batch, batch_sharding))
             for k in totals:
                 totals[k] += float(out[k])
         denom = max(totals["weight"], 1.0)
         metrics = {"loss": totals["loss_sum"] / denom, "accuracy": totals["correct_sum"] / denom}
+        metrics["num_tokens"] = totals["weight"]  # every target token once, on any topology
+        if distributed.is_main_process():
+            print(f"eval at step {step}: {int(totals['weight'])} target tokens", flush=True)
         _log(writer, step, metrics, "eval")
         return metrics
 
@@ -243,7 +255,8 @@ def train(
             metrics[f"{unit}_per_sec"] = rate * per_batch
             remaining = (num_train_steps - done) / max(rate, 1e-9)
             _log(writer, done, metrics, "train")
-            print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
+            if distributed.is_main_process():
+                print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
             last_time, last_step = time.time(), done
         if save_every_steps and (done % save_every_steps == 0 or done == num_train_steps):
             ckpt.save(done, state)
@@ -292,6 +305,10 @@ def main(argv: Sequence[str]) -> None:
     from user_llm import gin_utils
     from user_llm import train as train_lib
 
+    # Before anything touches a JAX backend: joins the multi-process job, if there is one.
+    distributed.initialize_from_flags()
+    if distributed.is_main_process():
+        print(f"Processes: {distributed.process_summary()}", flush=True)
     gin_utils.parse_and_run(argv, train_lib.train)
 
 
