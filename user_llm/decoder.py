@@ -68,6 +68,9 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     scale_embeddings: bool = False
+    # Std of the token-embedding init; None: 1/sqrt(embed_dim), which keeps tied output logits at
+    # unit scale (a std of 1 gives logits of std sqrt(embed_dim) and a first loss far above ln V).
+    embedding_init_stddev: float | None = None
     use_qkv_bias: bool = False
     use_qk_norm: bool = False
     use_post_norms: bool = False
@@ -226,7 +229,10 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
-        self.token_embedder = Embed(cfg.vocab_size, cfg.embed_dim, dtype, param_dtype)
+        init_stddev = cfg.embedding_init_stddev or cfg.embed_dim**-0.5
+        self.token_embedder = Embed(
+            cfg.vocab_size, cfg.embed_dim, dtype, param_dtype, init_stddev=init_stddev
+        )
         layer_cls = DecoderLayer
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
