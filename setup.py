@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "tensorboard==2.21.0",
+    "rouge-score==0.1.2",  # ROUGE-Lsum for review generation
+    "nltk==3.10.4",  # rouge-score's tokenizer dependency, pinned
+    "matplotlib==3.11.2",  # result plots
 ]
 
 EXTRAS_REQUIRE = {

@@ -2,7 +2,7 @@ r"""Inference cost of User-LLM versus a text prompt (TP), per example, in one ru
 
   python benchmarks/user_llm_efficiency.py [--llm=100m|smollm2_135m] \
       [--history_lengths=50,100,200,500] [--tokens_per_item=20] [--repeats=3] \
-      [--output=results/user_llm_efficiency.md]
+      [--output=results/user_llm_efficiency.md] [--plot=results/user_llm_efficiency.png]
 
 For each history length L it compiles three forward passes over one example and reads their
 FLOPs from XLA's cost analysis, then times them:
@@ -13,6 +13,7 @@ FLOPs from XLA's cost analysis, then times them:
   instruction with gated cross-attention every 4th layer reading L embeddings;
 - User-LLM + Perceiver: the same with a 16-latent Perceiver between encoder and decoder.
 Weights are random: cost depends on shapes only. The paper reports up to 78.1x less compute.
+``--plot`` draws the cost and the ratios against history length; ``--output`` embeds it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ ENCODER = UserEncoderConfig(
     mlp_dim=1024,
 )
 INSTRUCTION_TOKENS = 32
+PAPER_RATIO = 78.1
 
 
 def _cost_and_time(fn, args, repeats: int) -> tuple[float, float]:
@@ -118,6 +120,44 @@ def measure(llm: str, length: int, tokens_per_item: int, repeats: int) -> dict:
     return row
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Draw cost and TP/User-LLM ratios vs history length, so the trend is seen at a glance.
+
+    Left: GFLOPs per example (log scale: TP grows quadratically, User-LLM barely moves).
+    Right: FLOP and latency ratios next to the paper's 78.1x, to see where we cross it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["history_length"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("tp", "TP"), ("userllm", "User-LLM"),
+                       ("userllm_perceiver", "User-LLM + Perceiver")):  # fmt: skip
+        left.plot(x, [r[f"{key}_gflop"] for r in rows], "o-", label=label)
+    left.set(yscale="log", xlabel="history length (items)", ylabel="GFLOPs per example",
+             title="(a) compute per example")  # fmt: skip
+    for key, label, color in (("userllm", "User-LLM", "C1"),
+                              ("userllm_perceiver", "User-LLM + Perceiver", "C2")):  # fmt: skip
+        right.plot(x, [r[f"{key}_flop_ratio"] for r in rows], "o-", color=color,
+                   label=f"FLOPs, {label}")  # fmt: skip
+        right.plot(x, [r[f"{key}_latency_ratio"] for r in rows], "s:", color=color,
+                   label=f"latency, {label}")  # fmt: skip
+    right.axhline(PAPER_RATIO, color="gray", linestyle="--", label=f"paper: {PAPER_RATIO}x")
+    right.set(yscale="log", xlabel="history length (items)", ylabel="TP / User-LLM",
+              title="(b) TP / User-LLM ratio")  # fmt: skip
+    for ax in (left, right):
+        ax.set_xticks(x)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llm", default="100m", choices=sorted(LLMS))
@@ -125,6 +165,7 @@ def main() -> None:
     parser.add_argument("--tokens_per_item", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="")
+    parser.add_argument("--plot", default="", help="PNG path for the cost/ratio figure")
     args = parser.parse_args()
 
     rows = []
@@ -136,12 +177,17 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
         f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
     )
+    command = (
+        f"python benchmarks/user_llm_efficiency.py --llm={args.llm} "
+        f"--history_lengths={args.history_lengths} --tokens_per_item={args.tokens_per_item} "
+        f"--repeats={args.repeats}"
+    )
+    command += f" --output={args.output}" if args.output else ""
+    command += f" --plot={args.plot}" if args.plot else ""
     lines = [
         f"# User-LLM vs text prompt: inference cost per example ({args.llm} decoder)",
         "",
-        f"Command: `python benchmarks/user_llm_efficiency.py --llm={args.llm} "
-        f"--history_lengths={args.history_lengths} --tokens_per_item={args.tokens_per_item} "
-        f"--repeats={args.repeats}`",
+        f"Command: `{command}`",
         f"Machine: {machine}. One example, forward pass over the prompt (no generation), "
         f"float32, median of {args.repeats} timings after one warm-up. FLOPs: XLA cost analysis.",
         "",
@@ -158,10 +204,17 @@ def main() -> None:
             f"| {r['userllm_perceiver_latency_ratio']:.1f}x |"
         )
     best = max(max(r["userllm_flop_ratio"], r["userllm_perceiver_flop_ratio"]) for r in rows)
-    lines += ["", f"Largest FLOP ratio measured: {best:.1f}x (the paper reports up to 78.1x)."]
+    summary = f"Largest FLOP ratio measured: {best:.1f}x (the paper reports up to {PAPER_RATIO}x)."
+    lines += ["", summary]
+    if args.plot:
+        plot(rows, args.plot, f"User-LLM vs text prompt, {args.llm} decoder; {machine}")
+        md_dir = Path(args.output).resolve().parent if args.output else Path.cwd()
+        image = os.path.relpath(Path(args.plot).resolve(), md_dir)
+        lines += ["", f"![GFLOPs and TP/User-LLM ratios vs history length]({image})"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
 
 

@@ -131,7 +131,7 @@ def _examples(
         form,
         family.text,
         review_texts=data.review_texts[split],
-        negatives=data.negatives if task == "next_item" else None,
+        negatives=data.negatives,
     )
 
 
@@ -183,14 +183,56 @@ def task_name(dataset: str, task: str, form: str | None, history_length: int, su
     return "_".join(parts) + suffix
 
 
-def _normalize(text: str) -> str:
+def normalize_answer(text: str) -> str:
+    """Lower-cased, punctuation and extra spaces removed: how answers are compared."""
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
 def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """Recall@1 by exact match after lower-casing and stripping punctuation."""
-    hits = [_normalize(t) == _normalize(p) for t, p in zip(targets, predictions, strict=True)]
+    hits = [
+        normalize_answer(t) == normalize_answer(p)
+        for t, p in zip(targets, predictions, strict=True)
+    ]
     return {"exact_match": 100.0 * float(np.mean(hits)) if hits else 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What a registered task name stands for (evaluation looks up titles and genres here)."""
+
+    family: Family
+    history_length: int
+    task: str  # "next_item" | "favorite_genre" | "review_gen" | "encoder_pretrain"
+    form: str | None  # "userllm" | "tp" | "hybrid" | None (encoder pretraining)
+
+
+TASK_INFO: dict[str, TaskInfo] = {}
+
+
+def task_info(name: str) -> TaskInfo:
+    """The ``TaskInfo`` of a registered User-LLM task (a clear error for anything else)."""
+    if name not in TASK_INFO:
+        raise ValueError(
+            f"{name!r} is not a registered User-LLM task (import its tasks.* module first); "
+            f"known: {sorted(TASK_INFO)[:20]}..."
+        )
+    return TASK_INFO[name]
+
+
+def item_titles(name: str) -> np.ndarray:
+    """Titles by ``item_index`` (what ``candidate_item_index`` points at) for a task."""
+    info = task_info(name)
+    return family_task_data(info.family, info.history_length).histories.item_titles
+
+
+def item_popularity(name: str) -> np.ndarray:
+    """Interactions per ``item_index`` in the training histories (the popularity baseline)."""
+    info = task_info(name)
+    h = family_task_data(info.family, info.history_length).histories
+    train = h.splits["train"]
+    idx = np.asarray(train["user_item_index"])[np.asarray(train["user_mask"], bool)]
+    return np.bincount(idx.ravel(), minlength=len(h.item_titles)).astype(np.float64)
 
 
 def register_family(
@@ -216,6 +258,7 @@ def register_family(
             for form in forms:
                 name = task_name(family.name, family.task_label(task), form, length, name_suffix)
                 names.append(name)
+                TASK_INFO[name] = TaskInfo(family, length, task, form)
                 if name in seqio.TaskRegistry.names():
                     continue
                 if task == "encoder_pretrain":
@@ -223,14 +266,14 @@ def register_family(
                     preprocessors = []
                 else:
                     output_features = dict(text)
-                    if form == "userllm":
+                    if form in ("userllm", "hybrid"):
                         output_features.update(user_output_features())
-                    if task == "next_item":
-                        output_features.update(
-                            candidate_item_index=int_feature(1),
-                            candidate_item_ids=int_feature(1),
-                            candidate_label=int_feature(0),
-                        )
+                    # Every text task carries its next-item candidate set (features.py).
+                    output_features.update(
+                        candidate_item_index=int_feature(1),
+                        candidate_item_ids=int_feature(1),
+                        candidate_label=int_feature(0),
+                    )
                     preprocessors = list(text_preprocessors)
                 seqio.TaskRegistry.add(
                     name,

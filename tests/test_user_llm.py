@@ -315,3 +315,44 @@ def test_integration_config_errors_are_clear():
         IntegrationConfig(mode="prefix")
     with pytest.raises(ValueError, match="fusion"):
         dataclasses.replace(ENCODER, fusion="middle")
+
+
+@pytest.mark.parametrize("causal_prompt", [False, True])
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_perceiver"])
+def test_cached_candidate_scores_equal_full_forward_likelihoods(variant, causal_prompt):
+    """``score_candidates`` (prompt read once, cache repeated per candidate) == the summed
+    log-likelihood of prompt + candidate in one uncached forward pass, for each candidate."""
+    model, variables, _ = build(variant)
+    model.causal_prompt = causal_prompt
+    params = _open_gates(nn.unbox(variables)["params"], 0.7)
+    prompts = [[0, 5, 9], [0, 7]]
+    cands = np.zeros((B, 3, 4), np.int32)
+    cands[0, 0, :3], cands[0, 1, :1], cands[0, 2, :4] = [4, 6, 1], [1], [8, 8, 3, 1]
+    cands[1, 0, :2], cands[1, 1, :3] = [11, 1], [2, 13, 1]  # cands[1, 2]: empty
+    tokens = np.zeros((B, 5), np.int32)
+    causal = np.zeros((B, 5), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)], causal[b, : len(p)] = p, 1
+    features = user_batch()
+    batch = {"decoder_input_tokens": tokens, "decoder_causal_attention": causal, **features}
+    got = np.asarray(jax.jit(model.score_candidates)(params, batch, jnp.asarray(cands)))
+    # Ranking and generation from one prefill: the same scores, the same greedy tokens.
+    both_scores, tokens = model.score_and_predict(params, batch, jnp.asarray(cands), 4)
+    np.testing.assert_allclose(both_scores, got, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(tokens, model.predict_batch(params, batch))
+    for b, p in enumerate(prompts):
+        for c in range(3):
+            cand = [t for t in cands[b, c] if t]
+            seq = p + cand
+            prefix = [1] * len(p) + [0] * (len(seq) - 1 - len(p))
+            row = {
+                "decoder_input_tokens": jnp.asarray([seq[:-1] if cand else p]),
+                "decoder_target_tokens": jnp.asarray([seq[1:] if cand else p]),
+                "decoder_loss_weights": jnp.asarray(
+                    [[0] * (len(p) - 1) + [1] * len(cand) if cand else [0] * len(p)]
+                ),
+                "decoder_causal_attention": jnp.asarray([prefix]),
+                **{k: v[b : b + 1] for k, v in features.items()},
+            }
+            want = float(model.score_batch(params, row)[0])
+            np.testing.assert_allclose(got[b, c], want, rtol=1e-5, atol=1e-5, err_msg=(b, c))

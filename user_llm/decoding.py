@@ -41,6 +41,7 @@ def decode(
     temperature: float = 0.0,
     top_k: int = 0,
     pad_id: int = 0,
+    prefill_fn: StepFn | None = None,
 ) -> tuple[Array, Array]:
     """Generates up to ``max_decode_length`` tokens after each prompt.
 
@@ -48,6 +49,8 @@ def decode(
     P + max_decode_length slots. Returns (tokens [b, max_decode_length], log-probabilities of the
     chosen tokens [b, max_decode_length]); after an example emits ``eos_id`` its later tokens are
     ``pad_id`` with log-probability 0. The loop stops early once every example is done.
+    ``prefill_fn`` (default ``step_fn``) reads the prompts; a model whose first call differs
+    (a soft prompt is prepended once) passes its own.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -58,7 +61,7 @@ def decode(
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     prompt_mask = jnp.arange(prompt_len)[None, :] < prompt_lengths[:, None]
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-    logits, cache = step_fn(prompts, prompt_mask, positions, cache)
+    logits, cache = (prefill_fn or step_fn)(prompts, prompt_mask, positions, cache)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 
     def cond(state):

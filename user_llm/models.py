@@ -60,11 +60,20 @@ class DecoderOnlyModel:
         z_loss: float = 0.0,
         eos_id: int | None = 1,
         max_decode_length: int = 32,
+        causal_prompt: bool = False,
     ) -> None:
         self.module = module
         self.z_loss = z_loss
         self.eos_id = eos_id
         self.max_decode_length = max_decode_length
+        # True: the prompt (``decoder_causal_attention`` part) is read causally, as a pretrained
+        # causal LLM was trained to read it, instead of bidirectionally (prefix LM). The loss
+        # still covers the targets only (``decoder_loss_weights``).
+        self.causal_prompt = causal_prompt
+
+    def prefix_mask(self, batch: Batch) -> Array | None:
+        """The bidirectional-prompt mask the module gets (None when prompts are causal)."""
+        return None if self.causal_prompt else batch.get("decoder_causal_attention")
 
     # -- inputs ---------------------------------------------------------------------------
     def module_inputs(self, batch: Batch) -> dict[str, Array]:
@@ -81,7 +90,7 @@ class DecoderOnlyModel:
             batch["decoder_input_tokens"],
             positions=batch.get("decoder_positions"),
             segment_ids=batch.get("decoder_segment_ids"),
-            prefix_mask=batch.get("decoder_causal_attention"),
+            prefix_mask=self.prefix_mask(batch),
             deterministic=deterministic,
             rngs=rngs,
             **self.module_inputs(batch),
@@ -143,36 +152,13 @@ class DecoderOnlyModel:
         shifted BOS plus the inputs, as SeqIO's prefix-LM converter lays them out); without it
         the prompt is the BOS alone.
         """
-        tokens = batch["decoder_input_tokens"]
         max_decode_length = max_decode_length or self.max_decode_length
-        if "decoder_causal_attention" in batch:
-            lengths = jnp.maximum(jnp.sum(batch["decoder_causal_attention"], axis=-1), 1)
-            prompt_len = tokens.shape[1]
-        else:
-            lengths = jnp.ones((tokens.shape[0],), jnp.int32)
-            prompt_len = 1
-        prompts = tokens[:, :prompt_len]
-        prompt_prefix = batch.get("decoder_causal_attention")
-        step_inputs, extra_slots = self.decode_inputs(params, batch)
-        cache = self.init_cache(tokens.shape[0], extra_slots + prompt_len + max_decode_length)
-
-        def step_fn(step_tokens, input_mask, positions, cache):
-            # The prefill call sees the prompt bidirectionally, as prefix-LM training did.
-            is_prefill = step_tokens.shape[1] == prompt_len and prompt_len > 1
-            logits, mutated = self.module.apply(
-                {"params": params, "cache": cache},
-                step_tokens,
-                positions=positions,
-                input_mask=input_mask,
-                prefix_mask=prompt_prefix if is_prefill else None,
-                decode=True,
-                mutable=["cache"],
-                **step_inputs(step_tokens.shape[1] == prompt_len),
-            )
-            return logits, mutated["cache"]
-
+        prompts, lengths = self._prompts(batch)
+        cache, prefill, step = self._cached_calls(
+            params, batch, prompts.shape[1], max_decode_length
+        )
         out, logprobs = decoding.decode(
-            step_fn,
+            step,
             prompts,
             lengths,
             cache,
@@ -181,8 +167,98 @@ class DecoderOnlyModel:
             rng=rng,
             temperature=temperature,
             top_k=top_k,
+            prefill_fn=prefill,
         )
         return out, {"scores": jnp.sum(logprobs, axis=-1)}
+
+    def _prompts(self, batch: Batch) -> tuple[Array, Array]:
+        """(right-padded prompts [b, P], lengths [b]): the ``decoder_causal_attention`` part of
+        ``decoder_input_tokens`` (the shifted BOS plus the inputs, as SeqIO's prefix-LM converter
+        lays them out); without it the prompt is the BOS alone."""
+        tokens = batch["decoder_input_tokens"]
+        if "decoder_causal_attention" in batch:
+            lengths = jnp.maximum(jnp.sum(batch["decoder_causal_attention"], axis=-1), 1)
+            return tokens, lengths.astype(jnp.int32)
+        return tokens[:, :1], jnp.ones((tokens.shape[0],), jnp.int32)
+
+    def _cached_calls(self, params: Params, batch: Batch, prompt_len: int, new_tokens: int):
+        """(empty cache, prefill call, append call) for cached decoding or scoring.
+
+        Each call maps (tokens, input_mask, positions, cache) to (logits, cache). The user is
+        encoded once here; the prefill call sees the prompt bidirectionally unless
+        ``causal_prompt`` (as training did).
+        """
+        step_inputs, extra_slots = self.decode_inputs(params, batch)
+        batch_size = batch["decoder_input_tokens"].shape[0]
+        cache = self.init_cache(batch_size, extra_slots + prompt_len + new_tokens)
+        prompt_prefix = self.prefix_mask(batch)
+
+        def call(is_prefill: bool):
+            def fn(tokens, input_mask, positions, cache):
+                extra = step_inputs(is_prefill)
+                if tokens.shape[0] != batch_size:
+                    extra = _repeat_rows(extra, tokens.shape[0])
+                logits, mutated = self.module.apply(
+                    {"params": params, "cache": cache},
+                    tokens,
+                    positions=positions,
+                    input_mask=input_mask,
+                    prefix_mask=prompt_prefix if is_prefill and prompt_len > 1 else None,
+                    decode=True,
+                    mutable=["cache"],
+                    **extra,
+                )
+                return logits, mutated["cache"]
+
+            return fn
+
+        return cache, call(True), call(False)
+
+    def score_candidates(self, params: Params, batch: Batch, candidates: Array) -> Array:
+        """Log-likelihood [b, C] of each of C candidate continuations of each prompt.
+
+        candidates: [b, C, Lc] token ids, right-padded with 0 (end them with EOS so a title is
+        not credited for being a prefix of a longer one). The prompt is read once into the KV
+        cache; the cache is then repeated C times and every candidate is appended in one call,
+        so ranking 20 titles after a long text prompt costs little more than reading it once.
+        """
+        return self.score_and_predict(params, batch, candidates, max_decode_length=0)[0]
+
+    def score_and_predict(
+        self, params: Params, batch: Batch, candidates: Array, max_decode_length: int
+    ) -> tuple[Array, Array]:
+        """(``score_candidates``, greedy ``predict_batch`` tokens) from one prefill of the
+        prompts (``max_decode_length`` 0: no generation, the tokens are empty)."""
+        b, num, cand_len = candidates.shape
+        prompts, lengths = self._prompts(batch)
+        new_tokens = max(cand_len, max_decode_length)
+        cache, prefill, append = self._cached_calls(params, batch, prompts.shape[1], new_tokens)
+        prompt_mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
+        positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
+        logits, cache = prefill(prompts, prompt_mask, positions, cache)
+        first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)  # [b, 1, V]
+        flat = candidates.reshape(b * num, cand_len)
+        valid = flat != 0
+        cand_pos = jnp.repeat(lengths, num)[:, None] + jnp.arange(cand_len)[None, :]
+        cand_logits, _ = append(flat, valid, cand_pos, _repeat_rows(cache, b * num))
+        # Token j of a candidate is predicted by the prompt's last logits (j = 0) or by the
+        # candidate's own token j - 1.
+        prev = jnp.concatenate([jnp.repeat(first, num, axis=0), cand_logits[:, :-1]], axis=1)
+        logp = jax.nn.log_softmax(prev.astype(jnp.float32), axis=-1)
+        token_logp = jnp.take_along_axis(logp, flat[..., None], axis=-1)[..., 0]
+        scores = jnp.sum(token_logp * valid, axis=-1).reshape(b, num)
+        if max_decode_length == 0:
+            return scores, jnp.zeros((b, 0), jnp.int32)
+        tokens, _ = decoding.decode(
+            append,
+            prompts,
+            lengths,
+            cache,
+            max_decode_length=max_decode_length,
+            eos_id=self.eos_id,
+            prefill_fn=lambda *_: (logits, cache),  # the prompts are already in the cache
+        )
+        return scores, tokens
 
     def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
         """(fn(is_prefill) -> extra module kwargs, extra cache slots) for cached decoding.
@@ -360,3 +436,15 @@ def _dual_loss(module, features):
     loss = jnp.sum(nll * valid)
     metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
     return loss, jnp.sum(valid), metrics
+
+
+def _repeat_rows(tree: Any, rows: int) -> Any:
+    """Repeats every batched array of ``tree`` (leading axis b) to ``rows`` = b * n rows, each row
+    n times in a row; scalars (the cache index) and Python values pass through."""
+
+    def repeat(x):
+        if not hasattr(x, "ndim") or x.ndim == 0:
+            return x
+        return jnp.repeat(x, rows // x.shape[0], axis=0)
+
+    return jax.tree_util.tree_map(repeat, tree)

@@ -135,11 +135,10 @@ def train(
     micro = train_dataset_cfg.batch_size // accumulation_steps
     input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}
     input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
-    # Throughput unit: target tokens for LMs, examples for encoder pretraining.
-    unit = "tokens" if "decoder_input_tokens" in input_shapes else "examples"
-    per_batch = train_dataset_cfg.batch_size * int(
-        np.prod(input_shapes.get("decoder_input_tokens", (1, 1))[1:])
-    )
+    # Throughput: examples for every model, plus (padded) tokens for LMs.
+    tokens_per_batch = None
+    if "decoder_input_tokens" in input_shapes:
+        tokens_per_batch = train_dataset_cfg.batch_size * input_shapes["decoder_input_tokens"][1]
 
     # -- Model, optimizer and sharded state ---------------------------------------------------
     rng = jax.random.PRNGKey(seed)
@@ -252,7 +251,9 @@ def train(
             elapsed = max(time.time() - last_time, 1e-9)
             rate = (done - last_step) / elapsed
             metrics["steps_per_sec"] = rate
-            metrics[f"{unit}_per_sec"] = rate * per_batch
+            metrics["examples_per_sec"] = rate * train_dataset_cfg.batch_size
+            if tokens_per_batch:
+                metrics["tokens_per_sec"] = rate * tokens_per_batch
             remaining = (num_train_steps - done) / max(rate, 1e-9)
             _log(writer, done, metrics, "train")
             if distributed.is_main_process():

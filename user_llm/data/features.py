@@ -3,10 +3,12 @@
 ``tasks/`` turns these dicts into SeqIO sources; keeping the logic here makes it testable
 without TensorFlow and reusable from any input pipeline.
 
-Forms of every task (same examples, same targets, so the two are directly comparable):
+Forms of every task (same examples, same targets, so they are directly comparable):
 - ``userllm``: the history as encoder arrays (``ENCODER_FEATURES``) + a short instruction.
 - ``tp`` (text prompt): the same history items serialized into the prompt, oldest first and
   most recent last, one line each: ``title | rating/5 | genres | YYYY-MM-DD``.
+- ``hybrid``: the encoder arrays (long-term) plus the last ``RECENT_ITEMS`` lines as text
+  (short-term), the paper's combination of user embeddings with recent items in the prompt.
 
 Candidate sets (ranking metrics, next-item tasks): per example ``NUM_NEGATIVES`` items the user
 never interacted with (in any split), drawn by a counter-based hash of (seed, user), so they are
@@ -37,7 +39,10 @@ ENCODER_FEATURES = (
 )
 NUM_NEGATIVES = 19
 TASKS = ("next_item", "favorite_genre", "review_gen", "encoder_pretrain")
-FORMS = ("userllm", "tp")
+# userllm: user embeddings + a short question; tp: the history as text; hybrid: user embeddings
+# plus the last RECENT_ITEMS items as text (long-term embedding + short-term text).
+FORMS = ("userllm", "tp", "hybrid")
+RECENT_ITEMS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +205,11 @@ def instruction(task: str, text: DatasetText, item_title: str = "", rating: floa
     raise ValueError(f"no instruction for task {task!r}")
 
 
-def history_lines(h: Histories, split: dict[str, np.ndarray], text: DatasetText) -> list[str]:
-    """The history of each example as text lines joined by newlines (oldest first)."""
+def history_lines(
+    h: Histories, split: dict[str, np.ndarray], text: DatasetText, last: int | None = None
+) -> list[str]:
+    """The history of each example as text lines joined by newlines (oldest first); only the
+    ``last`` most recent items when given."""
     mask = np.asarray(split["user_mask"], dtype=bool)
     idx = split["user_item_index"]
     titles = h.item_titles
@@ -225,7 +233,7 @@ def history_lines(h: Histories, split: dict[str, np.ndarray], text: DatasetText)
             "\n".join(
                 f"{titles[idx[e, i]]} | {format_rating(ratings[e, i])}/{max_r} | "
                 f"{genre_text[e, i] or 'none'} | {dates[e, i]}"
-                for i in range(n)
+                for i in range(n - min(n, last or n), n)
             )
         )
     return out
@@ -278,17 +286,19 @@ def task_examples(
         instruction(task, text, titles[i], split["target_rating"][i]) for i in range(len(keep))
     ]
     out: dict[str, np.ndarray] = {}
+    if form in ("userllm", "hybrid"):
+        out.update(user_arrays(split))
     if form == "userllm":
         out["inputs"] = np.asarray(questions, dtype=object)
-        out.update(user_arrays(split))
     else:
-        hist = history_lines(h, split, text)
+        hist = history_lines(h, split, text, RECENT_ITEMS if form == "hybrid" else None)
         out["inputs"] = np.asarray(
             [text_prompt(hh, q, text) for hh, q in zip(hist, questions, strict=True)], dtype=object
         )
     out["targets"] = targets
-    if task == "next_item":
-        if negatives is None:
-            negatives = user_negatives(h, seed=seed)
-        out.update(candidate_sets(h, split, negatives, seed=seed))
+    # Every task carries the example's next-item candidate set (only next-item metrics read
+    # it), so the tasks of one dataset share their features and mix in one SeqIO mixture.
+    if negatives is None:
+        negatives = user_negatives(h, seed=seed)
+    out.update(candidate_sets(h, split, negatives, seed=seed))
     return out

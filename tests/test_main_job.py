@@ -1,0 +1,61 @@
+"""The main job and the experiment runner: stage commands, and one tiny end-to-end main job on
+ml-latest-small with the real SmolLM2-135M (phase 1, phase 2, evaluation of every system)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import seqio
+from conftest import REPO_ROOT, run_module
+
+from user_llm import experiments as ex
+
+
+@pytest.mark.parametrize("study", sorted(ex.STUDIES))
+@pytest.mark.parametrize("dataset", ["movielens", "amazon_reviews"])
+def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, dataset, tmp_path):
+    import tasks.amazon_reviews  # noqa: F401
+    import tasks.movielens  # noqa: F401
+    import tasks.smollm2  # noqa: F401
+
+    names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    for v in ex.STUDIES[study]:
+        for name, args, done in ex.stages(v, dataset, tmp_path, ex.Budget()):
+            assert str(done).startswith(str(tmp_path)), (name, done)
+            for arg in args:
+                if arg.startswith("--gin_file="):
+                    assert (REPO_ROOT / "gin" / arg.split("=", 1)[1]).is_file(), arg
+                if arg.startswith(("--tasks=", "--gin.MIXTURE_OR_TASK_NAME=")):
+                    for t in arg.split("=", 1)[1].strip('"').split(","):
+                        assert t in names, (study, v.name, t)
+
+
+@pytest.mark.slow
+def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
+    args = ["-m", "user_llm.main_job", f"--model_dir={tmp_path}", "--encoder_steps=20",
+            "--user_llm_steps=2", "--eval_examples=8"]  # fmt: skip
+    out = run_module(args).stdout
+    assert re.search(r"step 2: .*train/loss=", out)  # phase-2 progress is printed
+    assert "steps, ~" in out and "examples_per_sec" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["results"]
+    assert set(rows) == {
+        "User-LLM, cross-attention (Enc, Perceiver)",
+        "TP, frozen SmolLM2 (zero-shot)",
+        "AR encoder's next-item head",
+        "Popularity",
+    }
+    for system, row in rows.items():
+        assert "Recall@5" in row, system
+        for cell in row.values():
+            low, high = cell["ci95"]
+            assert 0.0 <= low <= cell["value"] <= high <= 100.0
+            assert cell["num_examples"] == 8
+    assert "Fav. genre/category acc." in rows["User-LLM, cross-attention (Enc, Perceiver)"]
+    assert "| Popularity |" in (tmp_path / "results.md").read_text()
+    assert list((tmp_path / "summaries" / "results").glob("events.out.tfevents.*"))
+    # A second run finds every stage done and only rebuilds the report.
+    again = run_module(args).stdout
+    assert again.count("skipped") >= 5 and "step 2:" not in again

