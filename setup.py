@@ -34,7 +34,28 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",  # result plots
 ]
 
+# Offline caching of SeqIO tasks with Apache Beam (seqio.scripts.cache_tasks_main). apache-beam
+# 2.77.0 itself declares protobuf<7 and pyarrow<26, which the stack above cannot take, so it is
+# installed on its own with --no-deps (it runs with protobuf 7 and pyarrow 26: tested); this extra
+# pins the rest of what it needs at runtime.
+BEAM_REQUIRES = [
+    "beartype==0.22.9",
+    "crcmod==1.7",  # Beam's tfrecord sink needs a CRC32C implementation
+    "cryptography==50.0.2",
+    "fastavro==1.13.1",
+    "fasteners==0.20",
+    "httplib2==0.32.1",
+    "jsonpickle==4.1.4",
+    "objsize==0.7.1",
+    "proto-plus==1.29.0",
+    "pymongo==4.20.1",
+    "pytz==2026.6",
+    "sortedcontainers==2.4.0",
+    "zstandard==0.25.0",
+]
+
 EXTRAS_REQUIRE = {
+    "beam": BEAM_REQUIRES,
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",

@@ -250,7 +250,13 @@ def register_family(
         "inputs": seqio.Feature(vocabulary, add_eos=True),
         "targets": seqio.Feature(vocabulary, add_eos=True),
     }
-    text_preprocessors = [tokenize_text, seqio.preprocessors.append_eos_after_trim]
+    # Everything before the placeholder can be cached offline with SeqIO's Beam pipeline
+    # (seqio.scripts.cache_tasks_main); EOS is appended after, as sequence lengths require.
+    text_preprocessors = [
+        tokenize_text,
+        seqio.CacheDatasetPlaceholder(),
+        seqio.preprocessors.append_eos_after_trim,
+    ]
     names = []
     for length in history_lengths or family.history_lengths:
         for task in family.tasks:
@@ -263,7 +269,7 @@ def register_family(
                     continue
                 if task == "encoder_pretrain":
                     output_features = user_output_features()
-                    preprocessors = []
+                    preprocessors = [seqio.CacheDatasetPlaceholder()]
                 else:
                     output_features = dict(text)
                     if form in ("userllm", "hybrid"):

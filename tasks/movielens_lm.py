@@ -39,6 +39,7 @@ if TASK_NAME not in seqio.TaskRegistry.names():
         source=seqio.FunctionDataSource(_dataset_fn, splits=("train", "validation")),
         preprocessors=[
             seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),  # cacheable offline with Beam
             seqio.preprocessors.append_eos_after_trim,
         ],
         output_features={"targets": seqio.Feature(VOCABULARY, add_eos=True)},

@@ -100,7 +100,7 @@ def test_seqio_vocabulary(gguf_path, tok):
     text = "My favorite movies are Toy Story (1995)"
     ids = tok.encode(text)
     assert vocab.encode(text) == ids
-    assert vocab.decode(ids + [2, 500, 600]) == text + "<|im_end|>"  # stops after EOS
+    assert vocab.decode(ids + [2, 500, 600]) == text  # stops at EOS, which is not rendered
     assert vocab.decode([0, 0] + ids) == text  # pad ids dropped
 
     assert vocab.encode_tf(tf.constant(text)).numpy().tolist() == ids

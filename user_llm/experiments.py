@@ -19,10 +19,10 @@ steps, the seed, the number of eval examples, wall time and machine.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -77,7 +77,7 @@ STUDIES: dict[str, list[Variant]] = {
         for s in ("full", "lora", "enc", "proj")
     ],
     "perceiver": [Variant("User-LLM, no Perceiver", bindings=(("USE_PERCEIVER", False),))] + [
-        Variant(f"User-LLM, Perceiver {n} latents", bindings=(("NUM_LATENTS", n),))
+        Variant(f"User-LLM, Perceiver {n} latents", bindings=(("NUM_LATENTS", n),) * (n != 16))
         for n in (4, 16, 32)
     ],
     "encoders": [
@@ -138,6 +138,14 @@ def run_stage(name: str, args: Sequence[str], log_dir: Path) -> float:
     return seconds
 
 
+def run_name(v: Variant) -> str:
+    """Folder name of a variant's run: from its configuration, not its display name, so the
+    same configuration in several studies (and in the main job) is trained once."""
+    config = (v.kind, v.history_length, v.encoder, v.form, v.files, v.bindings)
+    digest = hashlib.sha1(repr(config).encode()).hexdigest()[:8]
+    return f"{v.kind}_{v.encoder}_{v.form}_h{v.history_length}_{digest}"
+
+
 def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[str, list, Path]]:
     """(stage name, python args, file that marks it done) for one variant, in order."""
     length = v.history_length
@@ -154,7 +162,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         (f"encoder_{v.encoder}_h{length}", ["-m", "user_llm.train", *gin_args(enc_files, enc_bind)],
          enc_dir / "checkpoints" / str(budget.encoder_steps)),
     ]  # fmt: skip
-    slug = re.sub(r"[^a-z0-9]+", "_", v.name.lower()).strip("_")
+    slug = run_name(v)
     run_dir, eval_json = root / slug, root / "eval" / f"{slug}.json"
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
     evaluate = ["-m", "user_llm.evaluate", f"--num_examples={budget.eval_examples}",

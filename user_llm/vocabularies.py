@@ -376,8 +376,8 @@ def _seqio_vocabulary_class() -> type:
         ``path``: a ``.gguf`` file, a ``tokenizer.json``, a HF folder or an imported
         checkpoint directory (gin-friendly). SeqIO's feature converters pad with id 0, so
         ``pad_id`` is 0 here (SmolLM2's ``<|endoftext|>``, never produced by ``encode`` of
-        ordinary text); ``decode`` drops pad ids and stops after the first EOS, as SeqIO's
-        vocabularies do.
+        ordinary text); ``decode`` stops at the first EOS and drops pad ids and the EOS, as
+        SeqIO's SentencePiece vocabularies do.
         """
 
         def __init__(
@@ -432,7 +432,9 @@ def _seqio_vocabulary_class() -> type:
             return self.tokenizer.encode(s)
 
         def _decode(self, ids: Iterable[int]) -> str:
-            return self.tokenizer.decode([int(i) for i in ids if int(i) != self.pad_id])
+            # Like SeqIO's SentencePiece vocabularies, the text holds neither padding nor EOS.
+            drop = {self.pad_id, self.eos_id}
+            return self.tokenizer.decode([int(i) for i in ids if int(i) not in drop])
 
         def _encode_tf(self, s: Any) -> Any:
             import tensorflow as tf

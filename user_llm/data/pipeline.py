@@ -28,7 +28,10 @@ class DatasetConfig:
     shuffle: bool = True
     seed: int | None = 42
     pack: bool = False
+    # Read the task as cached offline by SeqIO's Beam pipeline (seqio.scripts.cache_tasks_main)
+    # from one of ``cache_dirs``; a task that is not cached there is an error.
     use_cached: bool = False
+    cache_dirs: tuple[str, ...] = ()
     # For prefix-LM tasks (features "inputs" and "targets"): decoder-only prefix LM layout.
     # Kept for old configs; ``converter`` (when set) takes precedence.
     prefix_lm: bool = False
@@ -82,6 +85,10 @@ def get_dataset(
         raise ValueError(
             f"Unknown SeqIO task or mixture {cfg.mixture_or_task_name!r}; is its module imported "
             f"(an 'import tasks....' line in the gin file)? Registered tasks: {known[:30]}"
+        )
+    if cfg.use_cached and cfg.cache_dirs:
+        seqio.add_global_cache_dirs(
+            [d for d in cfg.cache_dirs if d not in seqio.get_global_cache_dirs()]
         )
     ds = seqio.get_dataset(
         cfg.mixture_or_task_name,
