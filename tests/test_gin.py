@@ -23,8 +23,11 @@ REQUIRED_VALUES = {
     "ENCODER_CHECKPOINT": "'/tmp/unused_encoder'",
 }
 # Overlays are not standalone: they are composed on top of an experiment.
-OVERLAYS = {"local_tiny.gin"}
-BASE_FOR_OVERLAY = "experiments/movielens_titles_lm.gin"
+# Overlays and the experiment file each is composed after.
+OVERLAYS = {
+    "local_tiny.gin": "experiments/movielens_titles_lm.gin",
+    "experiments/amazon_reviews.gin": "experiments/movielens_encoder_pretrain.gin",
+}
 
 
 # Files that are not standalone, and what they are composed after.
@@ -43,7 +46,7 @@ COMPOSED_AFTER = {
 
 def _files_for(name: str) -> list[str]:
     if name in OVERLAYS:
-        return [BASE_FOR_OVERLAY, name]
+        return [OVERLAYS[name], name]
     return COMPOSED_AFTER.get(name, []) + [name]
 
 
