@@ -6,11 +6,12 @@ r"""The paper's studies on real data with SmolLM2-135M, one command each.
 Studies (``STUDIES``): ``main`` (User-LLM cross-attention and soft prompt vs TP with LoRA and
 frozen vs the encoder's next-item head and popularity), ``history`` (20, 50, 100, 200 items),
 ``strategies`` (Full / LoRA / Enc / Proj), ``perceiver`` (off, 4 / 16 / 32 latents), ``encoders``
-(AR early vs late fusion vs dual), ``hybrid`` (long-term embedding + the last 5 items as text vs
-each alone). Every variant is a set of gin files and bindings on top of the same experiment
-files the main job uses; each runs in its own process (``user_llm.train``, ``user_llm.evaluate``)
-with its output under ``model_dir/<dataset>/...``; a finished stage is skipped, so a study
-resumes where it stopped. The LLM import and the phase-1 encoders are shared by the variants.
+(AR early vs late fusion vs dual, in User-LLM and on their own), ``hybrid`` (long-term
+embedding + the last 5 items as text vs each alone). Every variant is a set of gin files and
+bindings on top of the same experiment files the main job uses; each stage runs in its own
+process (``user_llm.train``, ``user_llm.evaluate``) with its output under
+``model_dir/<dataset>/...``; a finished stage is skipped, so a study resumes where it stopped.
+The LLM import, the phase-1 encoders and identical configurations are shared across studies.
 
 Writes ``results/<study>_<dataset>.md`` (and ``.json``, ``.png``): the table, the command, the
 steps, the seed, the number of eval examples, wall time and machine.
@@ -84,6 +85,9 @@ STUDIES: dict[str, list[Variant]] = {
         Variant("User-LLM, AR early fusion"),
         Variant("User-LLM, AR late fusion", encoder="late"),
         Variant("User-LLM, dual encoder", encoder="dual"),
+        Variant("AR early fusion encoder head", kind="encoder"),
+        Variant("AR late fusion encoder head", kind="encoder", encoder="late"),
+        Variant("Dual encoder head", kind="encoder", encoder="dual"),
     ],
     "hybrid": [
         Variant("Embedding alone (User-LLM)"),
