@@ -199,16 +199,26 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
 
 
 def run_variants(variants: Sequence[Variant], dataset: str, root: Path, budget: Budget) -> dict:
-    """Runs every stage not yet done; returns {variant name: {"eval": path, "seconds": s}}."""
+    """Runs every stage not yet done; returns {variant: {"eval": path under root, "seconds"}}.
+
+    Each stage's measured seconds are kept in ``root/stage_seconds.json`` when it runs, so a
+    report rebuilt later (every stage skipped) still gives the compute its numbers took.
+    """
+    times_path = root / "stage_seconds.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
     out = {}
     for v in variants:
-        seconds = 0.0
-        for name, args, done in stages(v, dataset, root, budget):
+        plan = stages(v, dataset, root, budget)
+        for name, args, done in plan:
             if done.exists():
                 print(f"== {name}: done ({done}), skipped", flush=True)
                 continue
-            seconds += run_stage(name, args, root / "logs")
-        out[v.name] = {"eval": str(stages(v, dataset, root, budget)[-1][2]), "seconds": seconds}
+            times[name] = round(run_stage(name, args, root / "logs"), 1)
+            root.mkdir(parents=True, exist_ok=True)
+            times_path.write_text(json.dumps(times, indent=1, sort_keys=True))
+        seconds = sum(times.get(name, 0.0) for name, _, _ in plan[2:])  # without shared stages
+        eval_path = plan[-1][2]
+        out[v.name] = {"eval": str(eval_path.relative_to(root)), "seconds": round(seconds, 1)}
     return out
 
 
@@ -222,11 +232,11 @@ COLUMNS = [
 ]
 
 
-def collect(ran: dict, variants: Sequence[Variant], dataset: str) -> dict[str, dict]:
-    """{system: {column: {"value", "ci95", "num_examples"}}}, popularity added once."""
+def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) -> dict[str, dict]:
+    """{system: {column: {"value", "ci95", "num_examples"}}}, popularity added once, last."""
     rows: dict[str, dict] = {}
     for v in variants:
-        tasks = json.loads(Path(ran[v.name]["eval"]).read_text())["tasks"]
+        tasks = json.loads((root / ran[v.name]["eval"]).read_text())["tasks"]
         for system, prefix in ((v.name, ""), ("Popularity", "popularity_")):
             if prefix and (system in rows or v.kind == "encoder"):
                 continue
@@ -238,7 +248,8 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str) -> dict[str, d
                     row[title] = {"value": result[prefix + metric],
                                   "ci95": result[prefix + metric + "_ci95"],
                                   "num_examples": result["num_examples"]}  # fmt: skip
-    return rows
+    rows["Popularity"] = rows.pop("Popularity", {})
+    return {k: v for k, v in rows.items() if v}
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -265,7 +276,8 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
     names = list(rows)
     for ax, (col, _, _) in zip(axes[0], shown, strict=True):
-        vals = [rows[n].get(col, {"value": 0.0, "ci95": [0.0, 0.0]}) for n in names]
+        nan = float("nan")  # a system without this metric gets no bar
+        vals = [rows[n].get(col, {"value": nan, "ci95": [nan, nan]}) for n in names]
         y = [v["value"] for v in vals]
         err = [[v["value"] - v["ci95"][0] for v in vals], [v["ci95"][1] - v["value"] for v in vals]]
         colors = [f"C{i}" for i in range(len(names))]
@@ -302,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
     ran = run_variants(STUDIES[args.study], args.dataset, root, budget)
-    rows = collect(ran, STUDIES[args.study], args.dataset)
+    rows = collect(ran, STUDIES[args.study], args.dataset, root)
     name = f"{args.study}_{args.dataset}"
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Phase-1 steps {budget.encoder_steps}, phase-2 / LoRA steps {budget.steps} (batch 16), "
         f"seed {budget.seed}, first {budget.eval_examples or 'all'} test users per task; percent "
         f"with 95% bootstrap intervals (small eval sets: read the intervals).  ",
-        f"Machine: {machine()}; wall time of this invocation {time.time() - start:.0f} s "
-        "(stages already done were skipped).", "",
+        f"Machine: {machine()}. Compute per system (its own training and evaluation, measured "
+        "when each stage ran; shared LLM import and phase-1 encoders not counted): "
+        + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in ran.items())
+        + f". This invocation: {time.time() - start:.0f} s (finished stages are skipped).", "",
         markdown_table(rows), "", f"![{name}]({name}.png)", "",
     ])  # fmt: skip
     (out / f"{name}.md").write_text(text)

@@ -82,7 +82,7 @@ def main(argv: Sequence[str]) -> None:
     for v in systems:  # TP + LoRA trains for its own number of steps
         steps = FLAGS.tp_lora_steps if v.kind == "tp_lora" else budget.steps
         ran.update(ex.run_variants([v], DATASET, root, dataclasses.replace(budget, steps=steps)))
-    rows = ex.collect(ran, systems, DATASET)
+    rows = ex.collect(ran, systems, DATASET, root)
     n = FLAGS.eval_examples or "all"
     text = (
         f"# Main job: User-LLM vs text prompt on ml-latest-small, {FLAGS.history_length} items\n\n"
