@@ -134,3 +134,16 @@ def test_gin_shorthand_flags_are_rewritten():
         "--gin_file=a.gin",
         "--other=1",
     ]
+
+
+def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
+    """``--model_dir=runs/...`` makes a ``runs/`` folder, which Python sees as a namespace
+    package; gin's package-file reader crashed on it for ``include 'runs/...'``."""
+    (tmp_path / "runs" / "main").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        gin_utils.parse_gin(["experiments/movielens_encoder_pretrain.gin"], ["MODEL_DIR = 'x'"], [])
+        assert gin.query_parameter("%TRAIN_STEPS") == 1500
+    finally:
+        gin.clear_config()

@@ -21,6 +21,29 @@ from absl import app, flags
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEARCH_PATHS = (str(REPO_ROOT / "gin"), str(REPO_ROOT), ".")
 
+
+def _guard_gin_package_reader() -> None:
+    """gin also looks an include like 'runs/x.gin' up as a file of a Python package 'runs'; a
+    plain folder of that name in the working directory (e.g. ``runs/`` of model directories) is
+    a namespace package without a file, and gin then crashes with a TypeError instead of
+    moving on to the next search path. Treat that case as "not found"."""
+    from gin import config as gin_config
+    from gin import resource_reader
+
+    def exists(path: str) -> bool:
+        try:
+            return resource_reader.system_path_file_exists(path)
+        except TypeError:
+            return False
+
+    gin_config._FILE_READERS[:] = [
+        (reader, exists if check is resource_reader.system_path_file_exists else check)
+        for reader, check in gin_config._FILE_READERS
+    ]
+
+
+_guard_gin_package_reader()
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files to compose, in order.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings (also: --gin.NAME=VALUE).")
