@@ -188,13 +188,16 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
+def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """Per-example exact match after lower-casing and stripping punctuation."""
+    pairs = zip(targets, predictions, strict=True)
+    return np.array([normalize_answer(t) == normalize_answer(p) for t, p in pairs], dtype=bool)
+
+
 def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Recall@1 by exact match after lower-casing and stripping punctuation."""
-    hits = [
-        normalize_answer(t) == normalize_answer(p)
-        for t, p in zip(targets, predictions, strict=True)
-    ]
-    return {"exact_match": 100.0 * float(np.mean(hits)) if hits else 0.0}
+    """Recall@1 by exact match (the SeqIO metric function of the tasks)."""
+    hits = exact_matches(targets, predictions)
+    return {"exact_match": 100.0 * float(np.mean(hits)) if hits.size else 0.0}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,11 +81,10 @@ def candidate_tokens(
 
 
 def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
-    """Per-example exact match after lower-casing and stripping punctuation."""
-    from tasks.common import normalize_answer
+    """Per-example exact match after lower-casing and stripping punctuation (the tasks' rule)."""
+    from tasks.common import exact_matches as task_exact_matches
 
-    pairs = zip(targets, predictions, strict=True)
-    return np.array([normalize_answer(t) == normalize_answer(p) for t, p in pairs])
+    return task_exact_matches(targets, predictions)
 
 
 def _sentences(text: str) -> str:
