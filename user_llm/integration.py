@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from user_llm.decoder import Decoder, DecoderConfig
@@ -34,6 +35,10 @@ class IntegrationConfig:
     perceiver: PerceiverConfig = PerceiverConfig()
     # 0: a single linear map to the LLM width; otherwise a 2-layer MLP with this hidden width.
     projector_hidden_dim: int = 0
+    # True: each projected user vector is RMS-normalized and rescaled to the RMS of the LLM's
+    # token embeddings (times a learned scalar starting at 1), so a soft prompt looks like
+    # tokens to the frozen LLM instead of ~1/RMS(embeddings) times larger.
+    match_token_embedding_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,17 +55,23 @@ def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
 
 
 class Projector(nn.Module):
-    """Encoder width -> LLM width."""
+    """Encoder width -> LLM width; with ``target_rms``, each output vector is RMS-normalized
+    and rescaled to it (times a learned ``context_scale`` starting at 1)."""
 
     out_dim: int
     hidden_dim: int = 0
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, target_rms: Array | None = None) -> Array:
         if self.hidden_dim:
             x = nn.gelu(DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="hidden")(x))
-            return DenseGeneral((self.out_dim,), ("mlp", "embed"), name="out")(x)
-        return DenseGeneral((self.out_dim,), ("mlp", "embed"), name="out")(x)
+        y = DenseGeneral((self.out_dim,), ("mlp", "embed"), name="out")(x)
+        if target_rms is None:
+            return y
+        y32 = y.astype(jnp.float32)
+        unit = y32 * jax.lax.rsqrt(jnp.mean(jnp.square(y32), axis=-1, keepdims=True) + 1e-6)
+        scale = self.param("context_scale", nn.initializers.ones, ())
+        return (unit * target_rms * scale).astype(y.dtype)
 
 
 class UserLLM(nn.Module):
@@ -95,18 +106,21 @@ class UserLLM(nn.Module):
         self, user_features: Mapping[str, Array], deterministic: bool = True
     ) -> tuple[Array, Array]:
         """(context [b, n, llm_width], context_mask [b, n]) for the decoder."""
+        hidden = self.user_encoder(user_features, deterministic)
+        history_mask = user_features[self.encoder_config.mask_feature].astype(bool)
+        has_history = jnp.any(history_mask, axis=1, keepdims=True)
         if self.integration.encoder_kind == "ar":
-            hidden = self.user_encoder(user_features, deterministic)
-            mask = user_features[self.encoder_config.mask_feature].astype(bool)
-        else:
-            hidden = self.user_encoder(user_features, deterministic)
-            mask = jnp.ones(hidden.shape[:2], bool)
+            mask = history_mask
+        else:  # one user vector, present when the user has any history
+            mask = jnp.broadcast_to(has_history, hidden.shape[:2])
         if self.integration.use_perceiver:
             hidden = self.perceiver(hidden, mask)
-            has_history = jnp.any(mask, axis=1, keepdims=True)
             mask = jnp.broadcast_to(has_history, hidden.shape[:2])
-        context = self.projector(hidden)
-        return context, mask
+        target_rms = None
+        if self.integration.match_token_embedding_scale:
+            table = self.decoder.token_embedder.embedding.astype(jnp.float32)
+            target_rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(table))))
+        return self.projector(hidden, target_rms), mask
 
     def __call__(
         self,

@@ -181,17 +181,23 @@ def dot_product_attention(
     (True = attend). heads must be a multiple of kv_heads.
     """
     b, q_len, num_heads, head_dim = query.shape
+    weights = attention_weights(query, key, mask).astype(dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
+    return out.reshape(b, q_len, num_heads, head_dim)
+
+
+def attention_weights(query: Array, key: Array, mask: Array | None) -> Array:
+    """Softmax weights [b, kv_heads, groups, q, k] in float32 (shapes as in
+    ``dot_product_attention``)."""
+    b, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
-    groups = num_heads // num_kv_heads
-    query = query.reshape(b, q_len, num_kv_heads, groups, head_dim)
+    query = query.reshape(b, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32)
     logits = logits / np.sqrt(head_dim).astype(np.float32)
     if mask is not None:
         big_neg = jnp.finfo(jnp.float32).min
         logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
-    return out.reshape(b, q_len, num_heads, head_dim)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 class GatedMLP(nn.Module):

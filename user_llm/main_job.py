@@ -38,7 +38,7 @@ from user_llm import experiments as ex
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Where every stage writes its output.", required=True)
-flags.DEFINE_integer("history_length", 20, "Interactions per user history (20, 50, 100, 200).")
+flags.DEFINE_integer("history_length", 50, "Interactions per user history (20, 50, 100, 200).")
 flags.DEFINE_integer("encoder_steps", 1000, "Phase-1 steps (batch 32).")
 flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
 flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
@@ -50,7 +50,9 @@ DATASET = "movielens"
 def variants(history_length: int, with_tp_lora: bool) -> list[ex.Variant]:
     systems = [
         dataclasses.replace(ex.XATTN, history_length=history_length),
-        ex.Variant("TP, frozen SmolLM2 (zero-shot)", kind="tp_frozen", form="tp"),
+        ex.Variant(
+            "TP, frozen SmolLM2 (zero-shot, chat template)", kind="tp_frozen", form="tpchat"
+        ),
         ex.Variant("AR encoder's next-item head", kind="encoder"),
     ]
     if with_tp_lora:
@@ -82,14 +84,16 @@ def main(argv: Sequence[str]) -> None:
     for v in systems:  # TP + LoRA trains for its own number of steps
         steps = FLAGS.tp_lora_steps if v.kind == "tp_lora" else budget.steps
         ran.update(ex.run_variants([v], DATASET, root, dataclasses.replace(budget, steps=steps)))
-    rows = ex.collect(ran, systems, DATASET, root)
+    tables = ex.collect(ran, systems, DATASET, root)
+    rows = tables["rows"]
     n = FLAGS.eval_examples or "all"
     text = (
         f"# Main job: User-LLM vs text prompt on ml-latest-small, {FLAGS.history_length} items\n\n"
-        f"First {n} test users per task; percent with 95% bootstrap intervals. Next-item "
-        "ranking: the target among 20 candidates (19 movies the user never rated).\n\n"
-        + ex.markdown_table(rows)
-        + "\n"
+        f"LLM systems on the first {n} test users per task, the encoder head and the rules on all "
+        "test users (n per row); percent with 95% bootstrap intervals. "
+        + ex.PROTOCOL
+        + " A User-LLM figure shows the model uses the user only where it beats its "
+        "shuffled-user control (the paired interval excludes 0).\n\n" + ex.report(tables) + "\n"
     )
     print("\n" + text, flush=True)
     (model_dir / "results.md").write_text(text)
@@ -97,6 +101,8 @@ def main(argv: Sequence[str]) -> None:
         "flags": {k: FLAGS[k].value for k in ("history_length", "encoder_steps",
                                                "user_llm_steps", "tp_lora_steps", "eval_examples")},
         "results": rows,
+        "paired": tables["paired"],
+        "diagnostics": tables["diagnostics"],
         "stage_seconds": {k: v["seconds"] for k, v in ran.items()},
         "wall_seconds": round(time.time() - start, 1),
         "machine": ex.machine(),

@@ -59,6 +59,21 @@ def bootstrap_ci(
     )
 
 
+def paired_bootstrap_ci(
+    a: np.ndarray,
+    b: np.ndarray,
+    num_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(mean of a - b, low, high): the percentile bootstrap of the mean paired difference,
+    resampling examples (both systems on the same resampled examples)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same shape, got {a.shape} and {b.shape}")
+    return bootstrap_ci(a - b, num_samples=num_samples, confidence=confidence, seed=seed)
+
+
 def popularity_scores(train_item_ids: Sequence[np.ndarray], num_items: int) -> np.ndarray:
     """Item scores [num_items] = interaction counts in the training data (id 0 = padding)."""
     counts = np.zeros(num_items, np.float64)

@@ -260,6 +260,11 @@ class DecoderOnlyModel:
         )
         return scores, tokens
 
+    def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
+        """Scalars that show whether a model reads its extra context ({} for a plain LM)."""
+        del params, batch
+        return {}
+
     def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
         """(fn(is_prefill) -> extra module kwargs, extra cache slots) for cached decoding.
 
@@ -340,6 +345,42 @@ class UserLLMModel(DecoderOnlyModel):
     def init_cache(self, batch_size: int, length: int) -> dict[str, Any]:
         return {"decoder": init_cache(self.module.decoder_config, batch_size, length)}
 
+    def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
+        """Is the LLM reading the user? One forward pass on ``batch``, giving per cross-attention
+        layer ``gate_tanh/layer_NN`` (tanh of its gate: ~0 means the frozen LLM ignores the
+        block) and ``update_to_residual/layer_NN`` (||gated update|| / ||residual stream||, mean
+        over tokens), and ``perceiver_entropy/layer_N`` (the latents' attention entropy over
+        the user embeddings, 1 = uniform)."""
+        _, state = self.module.apply(
+            {"params": params},
+            batch["decoder_input_tokens"],
+            positions=batch.get("decoder_positions"),
+            segment_ids=batch.get("decoder_segment_ids"),
+            prefix_mask=self.prefix_mask(batch),
+            mutable=["intermediates"],
+            **self.module_inputs(batch),
+        )
+        out = {}
+        layers = params.get("decoder", {})
+        for name, layer in layers.items():
+            if name.startswith("layers_") and "context_block" in layer:
+                out[f"gate_tanh/layer_{int(name[7:]):02d}"] = jnp.tanh(
+                    layer["context_block"]["gate"]
+                )
+        gates = [v for k, v in out.items() if k.startswith("gate_tanh/")]
+        if gates:  # one number that says at a glance whether any gate opened
+            out["gate_tanh/max_abs"] = jnp.max(jnp.abs(jnp.stack(gates)))
+        sown = state.get("intermediates", {})
+        for name, layer in sown.get("decoder", {}).items():
+            if "context_block" in layer:
+                value = layer["context_block"]["update_to_residual"][0]
+                out[f"update_to_residual/layer_{int(name[7:]):02d}"] = value
+        for name, block in sown.get("perceiver", {}).items():
+            if "attention_entropy" in block:
+                layer = name.removeprefix("layers_").split("_")[0]
+                out[f"perceiver_entropy/layer_{layer}"] = block["attention_entropy"][0]
+        return out
+
 
 class UserEncoderModel:
     """Phase 1: next-interaction pretraining of a ``UserEncoder`` (or a ``DualEncoder``).
@@ -372,6 +413,10 @@ class UserEncoderModel:
             return ue.next_feature_loss(module, hidden, features, dropout_rng)
 
         return self.module.apply({"params": params}, features, rngs=rngs, method=loss)
+
+    def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
+        del params, batch
+        return {}
 
     def loss_fn(self, params, batch, dropout_rng):
         loss, weight, metrics = self.loss_terms(params, batch, dropout_rng)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
+import jax
 import optax
+
+from user_llm import strategies
 
 
 def warmup_cosine_schedule(
@@ -43,3 +49,29 @@ def adamw(
 
 def sgd(learning_rate: optax.Schedule | float = 1e-2, momentum: float | None = None):
     return optax.sgd(learning_rate, momentum=momentum)
+
+
+def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies the update of each parameter whose '/'-joined path fully matches a regex by
+    its factor (first match wins; others unchanged). Chained after AdamW, a factor m is a
+    learning rate m times higher for those parameters (weight decay included)."""
+    compiled = [(re.compile(pattern), float(m)) for pattern, m in multipliers]
+
+    def factor(path, _) -> float:
+        name = strategies.path_name(path)
+        return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
+
+    def update_fn(updates, state, params=None):
+        del params
+        factors = jax.tree_util.tree_map_with_path(factor, updates)
+        return jax.tree_util.tree_map(
+            lambda u, f: u if f == 1.0 else u * f, updates, factors
+        ), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def user_llm_multipliers(integration: float = 1.0, encoder: float = 1.0) -> list[tuple[str, float]]:
+    """Learning-rate factors for User-LLM's parts: the integration (projector, Perceiver,
+    cross-attention blocks) and the user encoder, relative to the base learning rate."""
+    return [(strategies.INTEGRATION, integration), (r"user_encoder/.*", encoder)]

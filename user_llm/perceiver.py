@@ -47,6 +47,7 @@ class PerceiverResampler(nn.Module):
                 num_kv_heads=cfg.num_heads,
                 head_dim=cfg.head_dim,
                 rope_theta=None,
+                sow_entropy=True,
                 name=f"layers_{i}_attention",
             )(q, key_mask[:, None, :], kv_input=kv)
             h = h + GatedMLP(cfg.mlp_dim, name=f"layers_{i}_mlp")(

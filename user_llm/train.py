@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from user_llm import checkpoints, distributed, partitioning, strategies
+from user_llm import checkpoints, distributed, optimizers, partitioning, strategies
 from user_llm.data import pipeline
 from user_llm.models import DecoderOnlyModel
 from user_llm.train_step import make_eval_step, make_train_step
@@ -96,6 +96,7 @@ def train(
     async_checkpointing: bool = True,
     accumulation_steps: int = 1,
     strategy: str = "full",
+    learning_rate_multipliers: Sequence[tuple[str, float]] = (),
     mesh: MeshConfig = MeshConfig(),
     init_checkpoint: InitCheckpoint | Sequence[InitCheckpoint] | None = None,
     seed: int = 0,
@@ -104,7 +105,8 @@ def train(
 
     Resumes automatically from the latest good checkpoint in ``model_dir``; an
     ``init_checkpoint`` is used only when there is none. ``strategy`` (``full``, ``lora``,
-    ``enc``, ``proj``; see ``strategies.py``) picks which parameters train.
+    ``enc``, ``proj``; see ``strategies.py``) picks which parameters train;
+    ``learning_rate_multipliers`` ((path regex, factor) pairs) scale some parts' updates.
     """
     from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
 
@@ -113,6 +115,8 @@ def train(
     _write_config(model_dir_path)
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
     tx = strategies.masked_optimizer(optimizer(learning_rate=schedule), strategy)
+    if any(m != 1.0 for _, m in learning_rate_multipliers):  # e.g. a faster integration
+        tx = optax.chain(tx, optimizers.scale_by_path(learning_rate_multipliers))
 
     # -- Mesh -----------------------------------------------------------------------------
     device_mesh = partitioning.create_mesh(mesh.mesh_shape, mesh.axis_names)
@@ -197,6 +201,10 @@ def train(
             make_eval_step(model),
             in_shardings=(state_shardings["params"], batch_sharding),
         )
+        # Gates, update/residual norms, Perceiver entropy (User-LLM), on each logged batch.
+        jit_diagnostics = jax.jit(
+            model.diagnostics, in_shardings=(state_shardings["params"], batch_sharding)
+        )
 
     # TensorBoard summaries from process 0; the console line comes from ``_log``.
     if jax.process_index() == 0:
@@ -245,7 +253,9 @@ def train(
             state, metrics = jit_step(state, batch, step_rng)
         done = step + 1
         if log_every_steps and (done % log_every_steps == 0 or done == num_train_steps):
-            metrics = jax.device_get(metrics)
+            with nn.logical_axis_rules(rules):
+                diagnostics = jit_diagnostics(state["params"], batch)
+            metrics = {**jax.device_get(metrics), **jax.device_get(diagnostics)}
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"Loss is {metrics['loss']} at step {done}; stopping")
             elapsed = max(time.time() - last_time, 1e-9)

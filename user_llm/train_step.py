@@ -84,10 +84,22 @@ def make_train_step(
             "learning_rate": schedule(state["step"]),
             "num_tokens": weight,
         }
+        out.update(gate_gradients(grads))
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new_state, out
 
     return train_step
+
+
+def gate_gradients(grads: Any) -> dict[str, Array]:
+    """``gate_grad/layer_NN``: the loss gradient reaching each cross-attention gate (User-LLM).
+    Logged per step, its sign shows whether the gate is pushed one way or just jitters."""
+    out = {}
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        name = strategies.path_name(path)
+        if name.endswith("/context_block/gate") and name.startswith("decoder/layers_"):
+            out[f"gate_grad/layer_{int(name.split('/')[1][7:]):02d}"] = g
+    return out
 
 
 def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, dict], dict]:

@@ -20,12 +20,13 @@ def ml():
     return inter, build_histories(inter, items, HistoryConfig(max_history_length=L))
 
 
-def test_candidates_deterministic_exclude_user_items_and_hold_target(ml):
+@pytest.mark.parametrize("sampling", F.NEGATIVE_SAMPLINGS)
+def test_candidates_deterministic_exclude_user_items_and_hold_target(ml, sampling):
     _, h = ml
-    neg = F.user_negatives(h, seed=0)
+    neg = F.user_negatives(h, seed=0, sampling=sampling)
     assert (neg >= 0).all() and neg.shape == (len(h.user_offsets) - 1, F.NUM_NEGATIVES)
-    assert np.array_equal(neg, F.user_negatives(h, seed=0))
-    assert not np.array_equal(neg, F.user_negatives(h, seed=1))
+    assert np.array_equal(neg, F.user_negatives(h, seed=0, sampling=sampling))
+    assert not np.array_equal(neg, F.user_negatives(h, seed=1, sampling=sampling))
     for u in range(len(neg)):
         row = neg[u]
         assert len(set(row.tolist())) == len(row)
@@ -50,10 +51,25 @@ def test_candidates_deterministic_exclude_user_items_and_hold_target(ml):
     assert len(np.unique(labels)) > 5  # the target is not always first
 
 
+def test_popularity_negatives_follow_training_popularity(ml):
+    """Popularity-sampled negatives are far more popular than uniform ones (the point of them:
+    a popularity ranking no longer wins by default), and a missing sampling is refused."""
+    _, h = ml
+    vocab = h.vocabularies["item"]
+    counts = {s: vocab.counts[vocab.lookup(h.item_ids[F.user_negatives(h, sampling=s).ravel()])]
+              for s in F.NEGATIVE_SAMPLINGS}  # fmt: skip
+    assert np.median(counts["popularity"]) > 5 * max(np.median(counts["uniform"]), 1)
+    # Targets are popular too: popularity negatives are about as popular as test targets.
+    targets = vocab.counts[h.splits["test"]["target_item_id"]]
+    assert np.mean(counts["popularity"]) > 0.3 * np.mean(targets)
+    with pytest.raises(ValueError, match="sampling"):
+        F.user_negatives(h, sampling="zipf")
+
+
 @pytest.mark.parametrize("task", ["next_item", "favorite_genre"])
 def test_userllm_and_tp_share_examples_and_targets(ml, task):
     _, h = ml
-    neg = F.user_negatives(h)
+    neg = {s: F.user_negatives(h, sampling=s) for s in F.NEGATIVE_SAMPLINGS}
     for split in ("train", "test"):
         a = F.task_examples(h, split, task, "userllm", TEXT, negatives=neg)
         b = F.task_examples(h, split, task, "tp", TEXT, negatives=neg)

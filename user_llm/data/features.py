@@ -15,6 +15,10 @@ never interacted with (in any split), drawn by a counter-based hash of (seed, us
 identical on every run, machine and split, plus the target inserted at ``candidate_label``
 (also a hash of (seed, user)), i.e. ``candidate_item_index[candidate_label] == target``.
 Negatives come from items that have a title and an item-vocabulary id (seen in training).
+Two sets per example: ``candidate_*`` draws negatives in proportion to their training
+popularity (so a popularity ranking cannot win by default: the negatives are as popular as the
+targets tend to be), ``uniform_candidate_*`` uniformly over the pool (mostly obscure items; the
+protocol of earlier results).
 
 Encoder pretraining: the history window with the example's own target appended at the first
 padded position (arrays of length ``L + 1``). Training examples end at training targets, so a
@@ -38,6 +42,10 @@ ENCODER_FEATURES = (
     "user_mask",
 )
 NUM_NEGATIVES = 19
+NEGATIVE_SAMPLINGS = ("popularity", "uniform")
+# Feature-name prefix of each candidate set ("" is the headline set).
+CANDIDATE_PREFIXES = {"popularity": "", "uniform": "uniform_"}
+CANDIDATE_KEYS = ("candidate_item_index", "candidate_item_ids", "candidate_label")
 TASKS = ("next_item", "favorite_genre", "review_gen", "encoder_pretrain")
 # userllm: user embeddings + a short question; tp: the history as text; hybrid: user embeddings
 # plus the last RECENT_ITEMS items as text (long-term embedding + short-term text).
@@ -111,14 +119,27 @@ def negative_pool(h: Histories) -> np.ndarray:
 
 
 def user_negatives(
-    h: Histories, num_negatives: int = NUM_NEGATIVES, seed: int = 0, max_rounds: int = 12
+    h: Histories,
+    num_negatives: int = NUM_NEGATIVES,
+    seed: int = 0,
+    max_rounds: int = 12,
+    sampling: str = "uniform",
 ) -> np.ndarray:
     """[num_users, num_negatives] item_index never interacted with by the user (-1: too few).
 
-    Vectorized rejection sampling: each round draws a block of hashed pool positions per user,
-    rejects the user's own items and repeats, keeps the first ``num_negatives`` distinct ones.
+    ``sampling``: "uniform" over the pool, or "popularity" (probability proportional to the
+    item's training interactions). Vectorized rejection sampling: each round draws a block of
+    hashed draws per user, rejects the user's own items and repeats, keeps the first
+    ``num_negatives`` distinct ones.
     """
+    if sampling not in NEGATIVE_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {NEGATIVE_SAMPLINGS}, got {sampling!r}")
     pool = negative_pool(h)
+    cdf = None
+    if sampling == "popularity" and len(pool):
+        vocab = h.vocabularies["item"]
+        weights = vocab.counts[vocab.lookup(h.item_ids[pool])].astype(np.float64)
+        cdf = np.cumsum(weights) / weights.sum()
     num_users = len(h.user_offsets) - 1
     out = np.full((num_users, num_negatives), -1, dtype=np.int64)
     if len(pool) == 0 or num_negatives == 0:
@@ -138,7 +159,11 @@ def user_negatives(
         j = np.arange(offset, offset + draws, dtype=np.uint64)
         with np.errstate(over="ignore"):
             keys = _mix(base[todo, None] + j[None, :] * _GOLDEN)
-        cand = pool[(keys % np.uint64(len(pool))).astype(np.int64)]  # [T, draws]
+        if cdf is None:
+            cand = pool[(keys % np.uint64(len(pool))).astype(np.int64)]  # [T, draws]
+        else:  # inverse CDF of a uniform in [0, 1) from the hash's top 53 bits
+            u = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53
+            cand = pool[np.minimum(np.searchsorted(cdf, u, side="right"), len(pool) - 1)]
         key = todo[:, None] * n_items + cand
         pos = np.minimum(np.searchsorted(seen, key), len(seen) - 1)
         valid = seen[pos] != key
@@ -164,10 +189,15 @@ def user_negatives(
 
 
 def candidate_sets(
-    h: Histories, split: dict[str, np.ndarray], negatives: np.ndarray, seed: int = 0
+    h: Histories,
+    split: dict[str, np.ndarray],
+    negatives: np.ndarray,
+    seed: int = 0,
+    prefix: str = "",
 ) -> dict[str, np.ndarray]:
     """Per example: ``candidate_item_index`` [N+1] (item_index, -1 = none), the matching
-    ``candidate_item_ids`` (encoder vocabulary ids, PAD for none) and ``candidate_label``."""
+    ``candidate_item_ids`` (encoder vocabulary ids, PAD for none) and ``candidate_label``,
+    each name preceded by ``prefix``."""
     users = np.asarray(split["user_index"], dtype=np.int64)
     neg = negatives[users]
     e, n = neg.shape
@@ -179,9 +209,9 @@ def candidate_sets(
     vocab_ids = h.vocabularies["item"].lookup(h.item_ids[np.maximum(cands, 0)].ravel())
     ids = np.where(cands >= 0, vocab_ids.reshape(cands.shape), PAD_ID)
     return {
-        "candidate_item_index": cands.astype(np.int32),
-        "candidate_item_ids": ids.astype(np.int32),
-        "candidate_label": label.astype(np.int32),
+        f"{prefix}candidate_item_index": cands.astype(np.int32),
+        f"{prefix}candidate_item_ids": ids.astype(np.int32),
+        f"{prefix}candidate_label": label.astype(np.int32),
     }
 
 
@@ -255,7 +285,7 @@ def task_examples(
     text: DatasetText,
     *,
     review_texts: np.ndarray | None = None,
-    negatives: np.ndarray | None = None,
+    negatives: dict[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Every example of one (task, form, split) as numpy arrays (strings as object arrays).
@@ -296,9 +326,11 @@ def task_examples(
             [text_prompt(hh, q, text) for hh, q in zip(hist, questions, strict=True)], dtype=object
         )
     out["targets"] = targets
-    # Every task carries the example's next-item candidate set (only next-item metrics read
-    # it), so the tasks of one dataset share their features and mix in one SeqIO mixture.
-    if negatives is None:
-        negatives = user_negatives(h, seed=seed)
-    out.update(candidate_sets(h, split, negatives, seed=seed))
+    # Every task carries the example's next-item candidate sets (only next-item metrics read
+    # them), so the tasks of one dataset share their features and mix in one SeqIO mixture.
+    negatives = dict(negatives or {})
+    for sampling, prefix in CANDIDATE_PREFIXES.items():
+        if sampling not in negatives:
+            negatives[sampling] = user_negatives(h, seed=seed, sampling=sampling)
+        out.update(candidate_sets(h, split, negatives[sampling], seed=seed, prefix=prefix))
     return out

@@ -1,0 +1,226 @@
+"""Does the LLM read the user? Controls, answer ranking, diagnostics and the recipe levers
+(gate init, residual-scaled blocks, token-scaled soft prompts, per-part learning rates)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_user_llm import VARIANTS, build, user_batch
+
+from user_llm import evaluate, optimizers, strategies
+from user_llm.integration import UserLLM
+from user_llm.models import UserLLMModel
+
+
+def _open_gates(params, value):
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    for name, layer in out["decoder"].items():
+        if name.startswith("layers_") and "context_block" in layer:
+            layer["context_block"]["gate"] = jnp.asarray(np.arctanh(value), jnp.float32)
+    return out
+
+
+def _examples(n=6):
+    rng = np.random.default_rng(0)
+    return {
+        "user_item_ids": rng.integers(2, 50, (n, 5)),
+        "user_mask": np.ones((n, 5), bool),
+        "inputs_tokens": rng.integers(2, 50, (n, 4)),
+        "candidate_label": rng.integers(0, 3, (n,)),
+    }
+
+
+def test_shuffled_user_pairs_every_example_with_another_users_history():
+    ex = _examples(7)
+    shuffled = evaluate.with_control(ex, "shuffled_user")
+    for i in range(7):
+        # Another example's user arrays, and its own prompt and label.
+        j = [
+            k
+            for k in range(7)
+            if np.array_equal(shuffled["user_item_ids"][i], ex["user_item_ids"][k])
+        ]
+        assert j and i not in j
+        assert np.array_equal(shuffled["inputs_tokens"][i], ex["inputs_tokens"][i])
+    assert np.array_equal(shuffled["candidate_label"], ex["candidate_label"])
+    # A permutation: every history is used exactly once.
+    assert sorted(map(tuple, shuffled["user_item_ids"])) == sorted(map(tuple, ex["user_item_ids"]))
+    no_user = evaluate.with_control(ex, "no_user")
+    assert not no_user["user_mask"].any() and np.array_equal(
+        no_user["inputs_tokens"], ex["inputs_tokens"]
+    )
+    with pytest.raises(ValueError, match="control"):
+        evaluate.with_control(ex, "other_user")
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.with_control({k: v[:1] for k, v in ex.items()}, "shuffled_user")
+
+
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "xattn_dual", "soft_prompt_perceiver"])
+def test_no_user_control_is_the_bare_llm(variant):
+    """With an empty history the user context is masked out everywhere: User-LLM's logits are
+    the LLM's own, whatever the gates (dual encoders and soft prompts included)."""
+    model, variables, batch = build(variant)
+    params = _open_gates(nn.unbox(variables)["params"], 0.8)
+    empty = evaluate.with_control({k: np.asarray(v) for k, v in user_batch().items()}, "no_user")
+    tokens = batch["decoder_input_tokens"]
+    got = model.module.apply({"params": params}, tokens, user_features=empty)
+    ref = model.module.apply({"params": params}, tokens, method=lambda m, t: m.decoder(t))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    real = model.module.apply({"params": params}, tokens, user_features=user_batch())
+    assert not np.allclose(real, ref, atol=1e-4)  # the real user does change the logits
+
+
+def test_length_normalized_score_is_the_mean_token_log_probability():
+    """By hand: a candidate's summed log-likelihood from the full forward pass, over its
+    number of tokens (EOS included), equals ``length_normalized`` of the cached scores."""
+    model, variables, _ = build("xattn_ar_early")
+    model.causal_prompt = True  # as for a pretrained LLM: the hand computation is all causal
+    params = _open_gates(nn.unbox(variables)["params"], 0.6)
+    features = user_batch()
+    tokens = np.array([[0, 5, 9, 0], [0, 7, 0, 0]], np.int32)
+    causal = (np.arange(4)[None] < np.array([[3], [2]])).astype(np.int32)
+    batch = {"decoder_input_tokens": tokens, "decoder_causal_attention": causal, **features}
+    cands = np.zeros((2, 2, 4), np.int32)
+    cands[0, 0, :3], cands[0, 1, :2], cands[1, 0, :4], cands[1, 1, :1] = (
+        [4, 6, 1],
+        [8, 1],
+        [3, 3, 9, 1],
+        [1],
+    )
+    scores = np.asarray(model.score_candidates(params, batch, jnp.asarray(cands)))
+    norm = evaluate.length_normalized(scores, cands)
+    prompts = [[0, 5, 9], [0, 7]]
+    for b, p in enumerate(prompts):
+        for c in range(2):
+            cand = [int(t) for t in cands[b, c] if t]
+            seq = np.array([p + cand])
+            logits = model.module.apply(
+                {"params": params}, jnp.asarray(seq[:, :-1]),
+                user_features={k: v[b : b + 1] for k, v in features.items()},
+            )  # fmt: skip
+            logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+            by_hand = [float(logp[len(p) - 1 + j, t]) for j, t in enumerate(cand)]
+            assert norm[b, c] == pytest.approx(np.mean(by_hand), rel=1e-4, abs=1e-4)
+
+
+def test_genre_ranking_scores_equal_full_forward_likelihoods():
+    """Each genre name is scored after the prompt exactly as ``score_batch`` scores it as the
+    target of the prompt: ranking answers never depends on phrasing."""
+    model, variables, _ = build("xattn_ar_early")
+    params = _open_gates(nn.unbox(variables)["params"], 0.5)
+    names = np.array(["Drama", "Sci-Fi", "War"], dtype=object)
+    encode = lambda s: [2 + (ord(ch) % 60) for ch in s]  # noqa: E731
+    index = np.broadcast_to(np.arange(3), (2, 3))
+    answers = evaluate.candidate_tokens(names, index, encode, eos_id=1, width=8)
+    features = user_batch()
+    prompt = [0, 11, 12]
+    batch = {
+        "decoder_input_tokens": np.array([prompt + [0]] * 2, np.int32),
+        "decoder_causal_attention": np.array([[1, 1, 1, 0]] * 2, np.int32),
+        **features,
+    }
+    scores = np.asarray(model.score_candidates(params, batch, jnp.asarray(answers)))
+    for b in range(2):
+        for g, name in enumerate(names):
+            target = encode(name) + [1]
+            seq = prompt + target
+            row = {
+                "decoder_input_tokens": jnp.asarray([seq[:-1]]),
+                "decoder_target_tokens": jnp.asarray([seq[1:]]),
+                "decoder_loss_weights": jnp.asarray([[0] * (len(prompt) - 1) + [1] * len(target)]),
+                "decoder_causal_attention": jnp.asarray(
+                    [[1] * len(prompt) + [0] * (len(target) - 1)]
+                ),
+                **{k: v[b : b + 1] for k, v in features.items()},
+            }
+            assert scores[b, g] == pytest.approx(float(model.score_batch(params, row)[0]), abs=1e-4)
+    assert evaluate._answer_index(names, ["sci fi", "Drama", "Horror"]).tolist() == [1, 0, -1]
+
+
+def test_paired_differences_and_full_catalogue_ranking():
+    real = {"acc": np.array([1.0, 1.0, 0.0, 1.0] * 10)}
+    same = evaluate.paired_differences(real, real)["acc"]
+    assert same == [0.0, 0.0, 0.0]
+    worse = evaluate.paired_differences(real, {"acc": np.zeros(40)})["acc"]
+    assert worse[0] == pytest.approx(75.0) and worse[1] > 0
+    scores = np.array([[0, 9, 7.5, 8, 1, 7.0]])
+    # Target 5 (score 7): ids 0/1 and the history item 3 (score 8) do not count, item 2 (7.5)
+    # does -> rank 1.
+    out = evaluate.full_catalogue_metrics(scores, np.array([5]), np.array([[3, 0]]))
+    assert out["full_recall@10"][0] == 1 and out["full_ndcg@10"][0] == pytest.approx(1 / np.log2(3))
+    oov = evaluate.full_catalogue_metrics(scores, np.array([1]), np.array([[3]]))
+    assert oov["full_recall@10"][0] == 0
+
+
+def test_window_rule_counts_genres_with_alphabetical_ties():
+    names = np.array(["<pad>", "<oov>", "Drama", "Action", "War"], dtype=object)
+    genres = np.array([[[2, 3], [3, 0], [2, 4]],   # Drama 2, Action 2 -> Action (alphabetical)
+                       [[4, 0], [4, 2], [1, 1]],   # War 2 (unknown ids ignored)
+                       [[0, 0], [0, 0], [0, 0]]])  # fmt: skip
+    mask = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1]], bool)
+    assert evaluate.window_favorite(genres, mask, names).tolist() == ["Action", "War", ""]
+    mask[0, 1] = False  # Drama 2, Action 1
+    assert evaluate.window_favorite(genres, mask, names)[0] == "Drama"
+
+
+def test_diagnostics_report_gates_update_ratio_and_perceiver_entropy():
+    model, variables, batch = build("xattn_ar_late_perceiver")
+    params = _open_gates(nn.unbox(variables)["params"], 0.3)
+    d = jax.device_get(model.diagnostics(params, batch))
+    assert d["gate_tanh/layer_00"] == pytest.approx(0.3, abs=1e-6)
+    assert d["gate_tanh/max_abs"] == pytest.approx(0.3, abs=1e-6)
+    assert 0 < d["update_to_residual/layer_01"] < 10
+    assert 0.0 < d["perceiver_entropy/layer_0"] <= 1.0 + 1e-6
+    closed = jax.device_get(model.diagnostics(_open_gates(params, 0.0), batch))
+    assert closed["update_to_residual/layer_00"] == 0.0
+
+
+def test_residual_scaled_blocks_make_tanh_gate_the_update_ratio():
+    dec_kw, enc_kw, integration = VARIANTS["xattn_ar_early"]
+    model, variables, batch = build("xattn_ar_early")
+    cfg = dataclasses.replace(model.module.decoder_config, cross_attention_residual_scale=True,
+                              cross_attention_gate_init=0.2)  # fmt: skip
+    module = UserLLM(cfg, model.module.encoder_config, integration)
+    scaled = UserLLMModel(module, eos_id=1)
+    params = nn.unbox(scaled.get_initial_variables(
+        jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}))["params"]  # fmt: skip
+    assert float(params["decoder"]["layers_1"]["context_block"]["gate"]) == pytest.approx(0.2)
+    d = jax.device_get(scaled.diagnostics(params, batch))
+    assert d["update_to_residual/layer_01"] == pytest.approx(np.tanh(0.2), rel=1e-3)
+
+
+def test_token_scaled_soft_prompt_matches_the_embedding_rms():
+    model, variables, batch = build("soft_prompt_perceiver")
+    integration = dataclasses.replace(model.module.integration, match_token_embedding_scale=True)
+    module = UserLLM(model.module.decoder_config, model.module.encoder_config, integration)
+    params = nn.unbox(UserLLMModel(module).get_initial_variables(
+        jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}))["params"]  # fmt: skip
+    context, _ = module.apply({"params": params}, user_batch(), method="encode_user")
+    table = params["decoder"]["token_embedder"]["embedding"]
+    rms = np.sqrt(np.mean(np.square(np.asarray(context)), axis=-1))
+    np.testing.assert_allclose(rms, np.sqrt(np.mean(np.square(table))), rtol=1e-3)
+    assert "context_scale" in params["projector"]
+    assert strategies.trainable_mask(params, "proj")["projector"]["context_scale"]
+
+
+def test_scale_by_path_is_a_higher_learning_rate_for_matching_parameters():
+    params = {"projector": {"w": jnp.ones(3)}, "decoder": {"w": jnp.ones(3)}}
+    grads = {
+        "projector": {"w": jnp.array([1.0, -2.0, 3.0])},
+        "decoder": {"w": jnp.array([1.0, 2.0, 3.0])},
+    }
+    fast = optax.chain(optax.adam(1e-2), optimizers.scale_by_path([(r"projector/.*", 10.0)]))
+    ref = optax.adam(1e-1)
+    up, _ = fast.update(grads, fast.init(params), params)
+    ref_up, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(up["projector"]["w"], ref_up["projector"]["w"], rtol=1e-6)
+    base_up, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    np.testing.assert_allclose(up["decoder"]["w"], base_up["decoder"]["w"], rtol=1e-6)
+    pairs = optimizers.user_llm_multipliers(integration=10.0, encoder=0.5)
+    assert dict(pairs)[strategies.INTEGRATION] == 10.0 and dict(pairs)[r"user_encoder/.*"] == 0.5
