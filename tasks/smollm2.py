@@ -3,8 +3,8 @@
 Import it from a gin file (``import tasks.smollm2``) to get, for each family, history length and
 form, the tasks ``{dataset}_{task}_{form}_h{L}_smollm2`` (same examples as the byte-vocabulary
 tasks, BPE-tokenized with the packaged GGUF's tokenizer) and the mixture
-``{dataset}_{form}_h{L}_smollm2`` of next-item and favorite-genre (equal rates), which the main
-job trains one model on. Each text-prompt task also comes in the LLM's own chat template,
+``{dataset}_{form}_h{L}_smollm2`` of next-item, favorite-genre and (where the family has it)
+review generation at equal rates, which the main job and the studies train one model on. Each text-prompt task also comes in the LLM's own chat template,
 form ``tpchat`` (``{dataset}_{task}_tpchat_h{L}_smollm2``): the prompt as a user turn (with the
 model's default system message), the answer as the assistant turn ended by ``<|im_end|>``.
 """
@@ -40,9 +40,14 @@ def _register_mixtures() -> list[str]:
         favorite = common.task_name(
             family.name, family.favorite_name, info.form, info.history_length, SUFFIX
         )
+        members = [name, favorite]
+        if "review_gen" in family.tasks:  # review generation trains in the same mixture
+            members.append(
+                common.task_name(family.name, "review_gen", info.form, info.history_length, SUFFIX)
+            )
         names.append(mixture)
         if mixture not in seqio.MixtureRegistry.names():
-            seqio.MixtureRegistry.add(mixture, [name, favorite], default_rate=1.0)
+            seqio.MixtureRegistry.add(mixture, members, default_rate=1.0)
     return names
 
 

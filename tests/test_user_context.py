@@ -224,3 +224,39 @@ def test_scale_by_path_is_a_higher_learning_rate_for_matching_parameters():
     np.testing.assert_allclose(up["decoder"]["w"], base_up["decoder"]["w"], rtol=1e-6)
     pairs = optimizers.user_llm_multipliers(integration=10.0, encoder=0.5)
     assert dict(pairs)[strategies.INTEGRATION] == 10.0 and dict(pairs)[r"user_encoder/.*"] == 0.5
+
+
+def test_chat_template_text_prompts_and_candidate_sets_from_the_task():
+    """``tpchat`` tasks wrap the same text prompt in SmolLM2's chat template (the prompt ends
+    with the assistant header, no EOS after it); ``load_examples`` picks a candidate set."""
+    import tasks.smollm2 as smollm2
+
+    lengths = {"inputs": 1024, "targets": 8}
+    chat = evaluate.load_examples("movielens_favorite_genre_tpchat_h20_smollm2", lengths, "test", 2)
+    raw = evaluate.load_examples("movielens_favorite_genre_tp_h20_smollm2", lengths, "test", 2)
+    tok = smollm2.VOCABULARY.tokenizer
+    for i in range(2):
+        n = int(chat["decoder_causal_attention"][i].sum())
+        prompt = tok.decode(
+            chat["decoder_input_tokens"][i, 1:n].tolist(), skip_special_tokens=False
+        )
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+            "<|im_start|>assistant\n"
+        )
+        m = int(raw["decoder_causal_attention"][i].sum())
+        raw_prompt = tok.decode(raw["decoder_input_tokens"][i, 1 : m - 1].tolist())
+        assert raw_prompt in prompt
+        weights = chat["decoder_loss_weights"][i] > 0
+        target = chat["decoder_target_tokens"][i][weights].tolist()
+        assert target[-1] == smollm2.VOCABULARY.eos_id  # <|im_end|> closes the answer
+        assert (
+            target == raw["decoder_target_tokens"][i][raw["decoder_loss_weights"][i] > 0].tolist()
+        )
+    task = "movielens_next_item_userllm_h20_smollm2"
+    pop = evaluate.load_examples(task, {"inputs": 32, "targets": 8}, "test", 4, "popularity")
+    uni = evaluate.load_examples(task, {"inputs": 32, "targets": 8}, "test", 4, "uniform")
+    assert not np.array_equal(pop["candidate_item_index"], uni["candidate_item_index"])
+    rows = np.arange(4)
+    target_pop = pop["candidate_item_index"][rows, pop["candidate_label"]]
+    assert np.array_equal(target_pop, uni["candidate_item_index"][rows, uni["candidate_label"]])
+    assert not any(k.startswith("uniform_") for k in pop)

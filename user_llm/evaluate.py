@@ -121,7 +121,7 @@ def full_catalogue_metrics(
     exclude[np.arange(n)[:, None], np.clip(history_ids, 0, vocab - 1)] = True
     known = targets >= NUM_RESERVED
     ranks = metrics.target_ranks(item_scores, np.where(known, targets, 0), exclude)
-    ranks = np.where(known, ranks, vocab)
+    ranks = np.where(known, ranks, 10**9)  # beyond any cut-off
     return {
         f"{prefix}full_recall@10": metrics.recall_at_k(ranks, 10),
         f"{prefix}full_ndcg@10": metrics.ndcg_at_k(ranks, 10),
@@ -285,7 +285,13 @@ class _LLMScorer:
             index = np.broadcast_to(
                 np.arange(len(names)), (len(batch["candidate_label"]), len(names))
             )
-        return candidate_tokens(names, index, self.vocab.encode, self.vocab.eos_id, self.decode_len)
+        tokens = candidate_tokens(
+            names, index, self.vocab.encode, self.vocab.eos_id, self.decode_len
+        )
+        # Scoring cost is linear in the width: trim the padding (to a multiple of 8, so a few
+        # shapes compile) instead of scoring every answer at the full target length.
+        width = int(np.max(np.sum(tokens != 0, axis=-1), initial=1))
+        return tokens[..., : min(self.decode_len, -(-width // 8) * 8)]
 
     def __call__(self, batch: dict[str, np.ndarray], n: int) -> tuple[dict, list[str], list[str]]:
         weights = batch["decoder_loss_weights"][:n] > 0

@@ -36,6 +36,7 @@ SUFFIX = "_smollm2"
 ENCODER_FILES = {"ar": (), "late": ("models/user_encoder/late_fusion.gin",),
                  "dual": ("models/user_encoder/dual.gin",)}  # fmt: skip
 FAVORITE = {"movielens": "favorite_genre", "amazon_reviews": "favorite_category"}
+REVIEWS = ("amazon_reviews",)  # datasets whose studies also train and score review generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +62,14 @@ XATTN = Variant("User-LLM, cross-attention (Enc, Perceiver)")
 FAST = (("INTEGRATION_LR_MULTIPLIER", 10.0),)
 RESCALED = FAST + (("RESIDUAL_SCALE", True),)
 RECIPE_SWEEP = [  # in the order they were run
-    Variant("earlier recipe (lr 1e-3, gates 0)"),
-    Variant("integration lr x10, residual-scaled blocks", bindings=RESCALED),
-    Variant("integration lr x10", bindings=FAST),
+    Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
+    Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),
+    Variant("no Perceiver, integration lr x10, residual-scaled blocks",
+            bindings=RESCALED + (("USE_PERCEIVER", False),)),
     Variant("soft prompt, integration lr x10, token-scaled",
             files=("models/integration/soft_prompt.gin",),
             bindings=FAST + (("MATCH_TOKEN_SCALE", True),)),
-    Variant("integration lr x10, residual-scaled, encoder frozen (Proj)",
-            bindings=RESCALED + (("STRATEGY", "proj"),)),
-    Variant("integration lr x10, residual-scaled, gates at 0.1",
-            bindings=RESCALED + (("GATE_INIT", 0.1),)),
+    Variant("Perceiver, integration lr x10, residual-scaled blocks", bindings=RESCALED),
 ]  # fmt: skip
 STUDIES: dict[str, list[Variant]] = {
     "main": [
@@ -124,6 +123,7 @@ class Budget:
     steps: int = 150  # phase-2 / LoRA steps, batch 16
     eval_examples: int = 64
     seed: int = 0
+    controls: tuple[str, ...] = ("shuffled_user", "no_user")  # of every User-LLM system
 
 
 def task(dataset: str, name: str, form: str, length: int) -> str:
@@ -186,10 +186,12 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     slug = run_name(v)
     run_dir, eval_json = root / slug, root / "eval" / f"{slug}.json"
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
+    if dataset in REVIEWS:
+        tasks.append(task(dataset, "review_gen", v.form, length))
     # The encoder head is cheap: every test user. LLM systems: the first eval_examples.
     n_eval = 0 if v.kind == "encoder" else budget.eval_examples
     evaluate = ["-m", "user_llm.evaluate", f"--num_examples={n_eval}", "--split=test",
-                f"--output={eval_json}"]  # fmt: skip
+                f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
         out.append((f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind),
                                      f"--tasks={tasks[0].removesuffix(SUFFIX)}"],
@@ -210,6 +212,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         common.update(MODEL_DIR=str(llm), LORA_RANK=0)
     if v.form in ("tp", "tpchat"):  # room for the whole history (~37 tokens an item) + question
         common["TASK_FEATURE_LENGTHS"] = {"inputs": 40 * length + 160, "targets": 24}
+        # Ranking repeats the prompt's KV cache per candidate: small batches bound its memory.
+        evaluate.append(f"--batch_size={max(1, 8 * 20 // length)}")
     bindings = {**common, **dict(v.bindings)}
     if v.kind != "tp_frozen":
         out.append((slug, ["-m", "user_llm.train", *gin_args(files, bindings)],
@@ -263,12 +267,18 @@ COLUMNS = [
     ("Full-catalogue Recall@10", "next_item", "full_recall@10"),
     ("Fav. genre acc. (ranked)", "favorite", f"accuracy_ranked{SCORING}"),
     ("Fav. genre acc. (gen.)", "favorite", "accuracy"),
+    ("Review ROUGE-Lsum", "review_gen", "rouge_lsum"),
 ]
+RULE_METRICS = {"accuracy_ranked": "accuracy"}  # a rule's answer fills both genre columns
 CONTROL_NAMES = {"shuffled_user": "shuffled user", "no_user": "no user"}
 
 
 def _cell(result: dict, metric: str) -> dict | None:
-    if metric not in result:
+    """A table cell; a system without the headline score (the encoder head and popularity rank
+    by their own scores, the rules answer directly) gives its plain metric."""
+    plain = metric.removesuffix(SCORING)
+    metric = next((m for m in (metric, plain, RULE_METRICS.get(plain)) if m in result), None)
+    if metric is None:
         return None
     return {
         "value": result[metric],
@@ -303,7 +313,7 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) ->
             if result.get("diagnostics"):
                 diagnostics[v.name] = result["diagnostics"]
             for rule, out in result.get("rules", {}).items():
-                if (cell := _cell(out, metric.removesuffix(SCORING))) is not None:
+                if (cell := _cell(out, metric)) is not None:
                     rules.setdefault(f"{rule} (all test users)", {})[title] = cell
     return {"rows": {**rows, **rules}, "paired": paired, "diagnostics": diagnostics}
 
@@ -425,10 +435,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--encoder_steps", type=int, default=Budget.encoder_steps)
     parser.add_argument("--eval_examples", type=int, default=Budget.eval_examples)
     parser.add_argument("--seed", type=int, default=Budget.seed)
+    parser.add_argument("--controls", default=",".join(Budget.controls),
+                        help="controls evaluated for User-LLM systems (comma-separated)")
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
     parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
     args = parser.parse_args(argv)
-    budget = Budget(args.encoder_steps, args.steps, args.eval_examples, args.seed)
+    controls = tuple(c for c in args.controls.split(",") if c)
+    budget = Budget(args.encoder_steps, args.steps, args.eval_examples, args.seed, controls)
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
     ran = run_variants(STUDIES[args.study], args.dataset, root, budget)

