@@ -4,9 +4,10 @@ Import it from a gin file (``import tasks.smollm2``) to get, for each family, hi
 form, the tasks ``{dataset}_{task}_{form}_h{L}_smollm2`` (same examples as the byte-vocabulary
 tasks, BPE-tokenized with the packaged GGUF's tokenizer) and the mixture
 ``{dataset}_{form}_h{L}_smollm2`` of next-item, favorite-genre and (where the family has it)
-review generation at equal rates, which the main job and the studies train one model on. Each text-prompt task also comes in the LLM's own chat template,
-form ``tpchat`` (``{dataset}_{task}_tpchat_h{L}_smollm2``): the prompt as a user turn (with the
-model's default system message), the answer as the assistant turn ended by ``<|im_end|>``.
+review generation at equal rates, which the main job and the studies train one model on. Each
+text-prompt task also comes in the LLM's own chat template, form ``tpchat``
+(``{dataset}_{task}_tpchat_h{L}_smollm2``): the prompt as a user turn (with the model's default
+system message), the answer as the assistant turn ended by ``<|im_end|>``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, 
 @pytest.mark.slow
 def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     args = ["-m", "user_llm.main_job", f"--model_dir={tmp_path}", "--encoder_steps=20",
-            "--user_llm_steps=2", "--eval_examples=8", "--history_length=20"]  # fmt: skip
+            "--user_llm_steps=2", "--eval_examples=8", "--tp_eval_examples=8",
+            "--history_length=20"]  # fmt: skip
     out = run_module(args).stdout
     assert re.search(r"step 2: .*train/loss=", out)  # phase-2 progress is printed
     assert "steps, ~" in out and "examples_per_sec" in out and "gate_tanh/max_abs" in out

@@ -260,3 +260,23 @@ def test_chat_template_text_prompts_and_candidate_sets_from_the_task():
     target_pop = pop["candidate_item_index"][rows, pop["candidate_label"]]
     assert np.array_equal(target_pop, uni["candidate_item_index"][rows, uni["candidate_label"]])
     assert not any(k.startswith("uniform_") for k in pop)
+
+
+def test_linear_probe_reads_a_planted_class_and_pools_only_valid_context():
+    from user_llm import probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(300, 8)) + 3.0 * np.eye(8)[y]  # class k shifts feature k
+    w, b = probe.fit_linear_probe(x[:200], y[:200], 3, steps=300)
+    assert np.mean(np.argmax(x[200:] @ w + b, 1) == y[200:]) > 0.9
+    shuffled = rng.permutation(y[:200])  # no signal: near chance on held-out rows
+    w, b = probe.fit_linear_probe(x[:200], shuffled, 3, steps=300)
+    assert np.mean(np.argmax(x[200:] @ w + b, 1) == y[200:]) < 0.6
+    model, variables, _ = build("xattn_ar_early")
+    params = nn.unbox(variables)["params"]
+    users = {k: np.asarray(v) for k, v in user_batch().items()}
+    pooled = probe.pooled_contexts(model, params, users, batch_size=1)
+    context, mask = model.module.apply({"params": params}, users, method="encode_user")
+    want = np.asarray(context)[1][np.asarray(mask)[1]].mean(0)  # row 1 has 3 valid positions
+    np.testing.assert_allclose(pooled[1], want, rtol=1e-5, atol=1e-6)

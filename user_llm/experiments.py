@@ -124,6 +124,9 @@ class Budget:
     eval_examples: int = 64
     seed: int = 0
     controls: tuple[str, ...] = ("shuffled_user", "no_user")  # of every User-LLM system
+    # Text-prompt systems read ~37 tokens an item: optionally fewer users (the first N of the
+    # same ones); None = eval_examples.
+    text_prompt_eval_examples: int | None = None
 
 
 def task(dataset: str, name: str, form: str, length: int) -> str:
@@ -190,6 +193,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         tasks.append(task(dataset, "review_gen", v.form, length))
     # The encoder head is cheap: every test user. LLM systems: the first eval_examples.
     n_eval = 0 if v.kind == "encoder" else budget.eval_examples
+    if v.form in ("tp", "tpchat") and budget.text_prompt_eval_examples is not None:
+        n_eval = budget.text_prompt_eval_examples
     evaluate = ["-m", "user_llm.evaluate", f"--num_examples={n_eval}", "--split=test",
                 f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
@@ -435,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--encoder_steps", type=int, default=Budget.encoder_steps)
     parser.add_argument("--eval_examples", type=int, default=Budget.eval_examples)
     parser.add_argument("--seed", type=int, default=Budget.seed)
-    parser.add_argument("--controls", default=",".join(Budget.controls),
-                        help="controls evaluated for User-LLM systems (comma-separated)")
+    parser.add_argument(
+        "--controls",
+        default=",".join(Budget.controls),
+        help="controls evaluated for User-LLM systems (comma-separated)",
+    )
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
     parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
     args = parser.parse_args(argv)

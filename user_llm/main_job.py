@@ -45,6 +45,9 @@ flags.DEFINE_integer("encoder_steps", 1000, "Phase-1 steps (batch 32).")
 flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
 flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
 flags.DEFINE_integer("eval_examples", 64, "Test users evaluated per task (0: all 610).")
+flags.DEFINE_integer("tp_eval_examples", 32,
+                     "Test users for the text-prompt systems (the first of the same users; their "
+                     "~1,600-token prompts cost ~100x User-LLM's).")  # fmt: skip
 
 DATASET = "movielens"
 
@@ -79,7 +82,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     model_dir = Path(FLAGS.model_dir).resolve()
     root = model_dir / DATASET
-    budget = ex.Budget(FLAGS.encoder_steps, FLAGS.user_llm_steps, FLAGS.eval_examples)
+    budget = ex.Budget(FLAGS.encoder_steps, FLAGS.user_llm_steps, FLAGS.eval_examples,
+                       text_prompt_eval_examples=FLAGS.tp_eval_examples)  # fmt: skip
     systems = variants(FLAGS.history_length, FLAGS.tp_lora_steps > 0)
     start = time.time()
     ran = {}
@@ -101,7 +105,8 @@ def main(argv: Sequence[str]) -> None:
     (model_dir / "results.md").write_text(text)
     results = {
         "flags": {k: FLAGS[k].value for k in ("history_length", "encoder_steps",
-                                               "user_llm_steps", "tp_lora_steps", "eval_examples")},
+                                               "user_llm_steps", "tp_lora_steps", "eval_examples",
+                                               "tp_eval_examples")},
         "results": rows,
         "paired": tables["paired"],
         "diagnostics": tables["diagnostics"],

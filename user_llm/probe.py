@@ -27,9 +27,13 @@ from absl import flags
 from user_llm import checkpoints, metrics
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("task", "", "A registered User-LLM task whose targets are class labels.")
-flags.DEFINE_string("checkpoint_dir", "", "Parameters (default: the run's MODEL_DIR).")
-flags.DEFINE_integer("probe_steps", 500, "Full-batch optimizer steps of the probe.")
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("task", "", "A registered User-LLM task whose targets are class labels.")
+    flags.DEFINE_string("checkpoint_dir", "", "Parameters (default: the run's MODEL_DIR).")
+    flags.DEFINE_integer("probe_steps", 500, "Full-batch optimizer steps of the probe.")
 
 
 def pooled_contexts(model, params, examples: dict[str, np.ndarray], batch_size: int = 64):
@@ -114,4 +118,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)
