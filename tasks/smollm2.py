@@ -52,9 +52,6 @@ def _register_mixtures() -> list[str]:
     return names
 
 
-MIXTURE_NAMES = _register_mixtures()
-
-
 def _chat_parts() -> tuple[str, str]:
     """(text before, text after) the user's message in the chat template."""
     marker = "\x00"
@@ -96,3 +93,4 @@ def _register_chat_tasks() -> list[str]:
 
 
 CHAT_TASK_NAMES = _register_chat_tasks()
+MIXTURE_NAMES = _register_mixtures()  # every form's, the chat-template form included

@@ -56,28 +56,29 @@ class Variant:
     bindings: tuple[tuple[str, Any], ...] = ()
 
 
-XATTN = Variant("User-LLM, cross-attention (Enc, Perceiver)")
 # The phase-2 recipe sweep (results/phase2_recipe.md): one lever at a time from the earlier
-# recipe (integration learning rate 1e-3, gates at 0, cross-attention every 6th layer, Enc).
+# recipe (learning rate 1e-3 everywhere, gates at 0, 16-latent Perceiver, cross-attention every
+# 6th layer, Enc).
 FAST = (("INTEGRATION_LR_MULTIPLIER", 10.0),)
 RESCALED = FAST + (("RESIDUAL_SCALE", True),)
+# The recipe the main job and the studies build on: the only row of the sweep whose answers
+# depend on the user (favourite genre; next item does not yet).
+RECIPE = RESCALED + (("USE_PERCEIVER", False),)
+XATTN = Variant("User-LLM, cross-attention (Enc, recipe)", bindings=RECIPE)
 RECIPE_SWEEP = [  # in the order they were run
     Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
     Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),
-    Variant("no Perceiver, integration lr x10, residual-scaled blocks",
-            bindings=RESCALED + (("USE_PERCEIVER", False),)),
-    Variant("soft prompt, integration lr x10, token-scaled",
-            files=("models/integration/soft_prompt.gin",),
-            bindings=FAST + (("MATCH_TOKEN_SCALE", True),)),
-    Variant("Perceiver, integration lr x10, residual-scaled blocks", bindings=RESCALED),
-]  # fmt: skip
-STUDIES: dict[str, list[Variant]] = {
+    Variant("no Perceiver, integration lr x10, residual-scaled blocks (recipe)", bindings=RECIPE),
+]
+STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
         XATTN,
-        Variant("User-LLM, soft prompt (Enc, Perceiver)",
-                files=("models/integration/soft_prompt.gin",)),
-        Variant("TP + LoRA", kind="tp_lora", form="tp"),
-        Variant("TP, frozen (zero-shot)", kind="tp_frozen", form="tp"),
+        Variant("User-LLM, soft prompt (Enc, Perceiver, token-scaled)",
+                files=("models/integration/soft_prompt.gin",),
+                bindings=FAST + (("MATCH_TOKEN_SCALE", True),)),
+        Variant("TP + LoRA", kind="tp_lora", form="tpchat"),
+        Variant("TP, frozen (zero-shot, chat template)", kind="tp_frozen", form="tpchat"),
+        Variant("TP, frozen (zero-shot, raw prompt)", kind="tp_frozen", form="tp"),
         Variant("AR encoder head", kind="encoder"),
         Variant("Dual encoder", kind="encoder", encoder="dual"),
     ],
@@ -85,30 +86,32 @@ STUDIES: dict[str, list[Variant]] = {
         v
         for n in (20, 50, 100, 200)
         for v in (dataclasses.replace(XATTN, name=f"User-LLM, {n} items", history_length=n),
-                  Variant(f"TP frozen, {n} items", kind="tp_frozen", form="tp", history_length=n))
+                  Variant(f"TP frozen, {n} items", kind="tp_frozen", form="tpchat",
+                          history_length=n))
     ],
     "strategies": [
-        Variant(f"User-LLM, {s}", bindings=(("STRATEGY", s),) + (
+        Variant(f"User-LLM, {s}", bindings=RECIPE + (("STRATEGY", s),) + (
             (("decoder.DecoderConfig.lora_rank", 8),) if s == "lora" else ()))
         for s in ("full", "lora", "enc", "proj")
     ],
-    "perceiver": [Variant("User-LLM, no Perceiver", bindings=(("USE_PERCEIVER", False),))] + [
-        Variant(f"User-LLM, Perceiver {n} latents", bindings=(("NUM_LATENTS", n),) * (n != 16))
+    "perceiver": [dataclasses.replace(XATTN, name="User-LLM, no Perceiver")] + [
+        Variant(f"User-LLM, Perceiver {n} latents",
+                bindings=RECIPE + (("USE_PERCEIVER", True), ("NUM_LATENTS", n)))
         for n in (4, 16, 32)
     ],
     "encoders": [
-        Variant("User-LLM, AR early fusion"),
-        Variant("User-LLM, AR late fusion", encoder="late"),
-        Variant("User-LLM, dual encoder", encoder="dual"),
+        dataclasses.replace(XATTN, name="User-LLM, AR early fusion"),
+        Variant("User-LLM, AR late fusion", encoder="late", bindings=RECIPE),
+        Variant("User-LLM, dual encoder", encoder="dual", bindings=RECIPE),
         Variant("AR early fusion encoder head", kind="encoder"),
         Variant("AR late fusion encoder head", kind="encoder", encoder="late"),
         Variant("Dual encoder head", kind="encoder", encoder="dual"),
     ],
     "phase2_recipe": RECIPE_SWEEP,
     "hybrid": [
-        Variant("Embedding alone (User-LLM)"),
+        dataclasses.replace(XATTN, name="Embedding alone (User-LLM)"),
         Variant("Embedding + last 5 items as text", form="hybrid",
-                bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
+                bindings=RECIPE + (("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
         Variant("Last 5 items as text alone (TP + LoRA)", kind="tp_lora", form="hybrid",
                 bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
     ],
