@@ -47,9 +47,10 @@ flags.DEFINE_integer("encoder_steps", 1000, "Phase-1 steps (batch 32).")
 flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
 flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
 flags.DEFINE_integer("eval_examples", 64, "Test users evaluated per task (0: all 610).")
-flags.DEFINE_integer("tp_eval_examples", 32,
-                     "Test users for the text-prompt systems (the first of the same users; their "
-                     "~1,600-token prompts cost ~100x User-LLM's).")  # fmt: skip
+flags.DEFINE_integer("tp_eval_examples", 8,
+                     "Test users for the text-prompt systems (the first of the same users): "
+                     "their ~1,600-token prompts cost ~30 s per user and task on a 2-core CPU, "
+                     "~100x User-LLM's.")  # fmt: skip
 
 DATASET = "movielens"
 
