@@ -34,17 +34,20 @@ def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, 
 
 @pytest.mark.slow
 def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
+    # Few users: User-LLM is evaluated three times (real, shuffled, no user) and the text
+    # prompt reads ~800 tokens a user; the whole job still runs every stage for real.
     args = ["-m", "user_llm.main_job", f"--model_dir={tmp_path}", "--encoder_steps=20",
-            "--user_llm_steps=2", "--eval_examples=8", "--tp_eval_examples=8",
+            "--user_llm_steps=2", "--eval_examples=4", "--tp_eval_examples=2",
             "--history_length=20"]  # fmt: skip
-    out = run_module(args).stdout
+    out = run_module(args, timeout=1800).stdout
     assert re.search(r"step 2: .*train/loss=", out)  # phase-2 progress is printed
     assert "steps, ~" in out and "examples_per_sec" in out and "gate_tanh/max_abs" in out
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["results"]
     user_llm = ex.XATTN.name
-    llm_rows = {user_llm, f"{user_llm}: shuffled user", f"{user_llm}: no user",
-                "TP, frozen SmolLM2 (zero-shot, chat template)"}  # fmt: skip
+    tp = "TP, frozen SmolLM2 (zero-shot, chat template)"
+    user_llm_rows = {user_llm, f"{user_llm}: shuffled user", f"{user_llm}: no user"}
+    llm_rows = user_llm_rows | {tp}
     assert llm_rows < set(rows), sorted(rows)
     rules = [r for r in rows if r.endswith("(all test users)")]
     assert "Popularity (all test users)" in rules and len(rules) == 3, rules
@@ -52,8 +55,11 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
         for cell in row.values():
             low, high = cell["ci95"]
             assert 0.0 <= low <= cell["value"] <= high <= 100.0
-            # LLM systems on the first 8 users; the encoder head and the rules on all of them.
-            assert (cell["num_examples"] == 8) == (system in llm_rows), (system, cell)
+            # User-LLM on the first 4 users, TP on the first 2; the encoder head and the rules
+            # on all of them.
+            want = 4 if system in user_llm_rows else 2 if system == tp else None
+            assert want is None and cell["num_examples"] > 100 or cell["num_examples"] == want
+
     assert "Recall@5" in rows[user_llm] and "Fav. genre acc. (ranked)" in rows[user_llm]
     assert "Full-catalogue Recall@10" in rows["AR encoder's next-item head"]
     assert set(results["paired"][user_llm]) == {"shuffled user", "no user"}
@@ -62,5 +68,5 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     assert "| Popularity (all test users) |" in text and "Paired differences" in text
     assert list((tmp_path / "summaries" / "results").glob("events.out.tfevents.*"))
     # A second run finds every stage done and only rebuilds the report.
-    again = run_module(args).stdout
+    again = run_module(args, timeout=1800).stdout
     assert again.count("skipped") >= 5 and "step 2:" not in again
