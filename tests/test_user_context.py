@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from test_user_llm import VARIANTS, build, user_batch
+from test_user_llm import _open_gates as set_gates
 
 from user_llm import evaluate, optimizers, strategies
 from user_llm.integration import UserLLM
@@ -19,11 +20,8 @@ from user_llm.models import UserLLMModel
 
 
 def _open_gates(params, value):
-    out = jax.tree_util.tree_map(lambda x: x, params)
-    for name, layer in out["decoder"].items():
-        if name.startswith("layers_") and "context_block" in layer:
-            layer["context_block"]["gate"] = jnp.asarray(np.arctanh(value), jnp.float32)
-    return out
+    """Every cross-attention gate set so that tanh(gate) = value."""
+    return set_gates(params, float(np.arctanh(value)))
 
 
 def _examples(n=6):
@@ -182,7 +180,7 @@ def test_diagnostics_report_gates_update_ratio_and_perceiver_entropy():
 
 
 def test_residual_scaled_blocks_make_tanh_gate_the_update_ratio():
-    dec_kw, enc_kw, integration = VARIANTS["xattn_ar_early"]
+    integration = VARIANTS["xattn_ar_early"][2]
     model, variables, batch = build("xattn_ar_early")
     cfg = dataclasses.replace(model.module.decoder_config, cross_attention_residual_scale=True,
                               cross_attention_gate_init=0.2)  # fmt: skip
