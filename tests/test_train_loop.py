@@ -87,6 +87,9 @@ def test_sigkill_and_restart_gives_identical_parameters(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     done = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert done and done[-1] < steps, f"killed run had already finished: {done}"
+    # Every finished step already has its manifest, whenever the kill came.
+    for step in done:
+        assert (killed / checkpoints.MANIFEST_DIR / f"{step}.json").exists(), step
 
     resumed = run_module(_train_args(killed, steps, save_every))
     assert "Resumed from checkpoint step" in resumed.stdout

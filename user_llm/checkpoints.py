@@ -3,11 +3,18 @@
 Safety rules, because a lost or silently wrong checkpoint costs days:
 - Orbax finalizes a step atomically (written to a temporary directory, then renamed), so a run
   killed mid-save leaves no half-written step that looks finished.
-- After a step is finalized we record a SHA-256 manifest of its files. On resume a step whose
-  files do not match (or that Orbax cannot read) is reported, moved aside to
-  ``<model_dir>/checkpoints_corrupt/`` (never deleted), and the previous step is tried.
+- *Before* a save starts, a manifest of the state's values (per array: shape, dtype and two
+  exact wrap-around sums of its bits, computed on device whatever the sharding) is written
+  atomically. So every finished step has one, even if the process dies right after the save,
+  and a restored state is compared with it: bit rot anywhere in the values is caught.
+- On resume a step that Orbax cannot read, or whose values do not match its manifest, is
+  reported, moved aside to ``<model_dir>/checkpoints_corrupt/`` (never deleted), and the
+  previous step is tried.
+- A step written by a *different model or optimizer* (another config) is not corruption: the
+  run stops, names the first mismatching parameters and shapes, and moves nothing.
 - If checkpoints exist but none is readable, the run stops with a message instead of silently
-  starting from scratch.
+  starting from scratch; so does a fresh start in a directory holding quarantined steps,
+  unless ``allow_fresh_start`` says so.
 
 Also here: restoring an *initial* checkpoint into a different model with a regex assignment
 map and fallback to scratch (T5X's ``assignment_map`` / ``fallback_to_scratch``), which is how a
@@ -16,7 +23,6 @@ pretrained LLM is loaded into User-LLM with new cross-attention parameters.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,33 +32,109 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from user_llm import errors
+
 MANIFEST_DIR = "checkpoint_manifests"
 CORRUPT_DIR = "checkpoints_corrupt"
+MANIFEST_FORMAT = "value-checksums-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserLLMError, RuntimeError):
     """A checkpoint cannot be used; the message says which and why."""
 
 
-def _file_digests(step_dir: Path) -> dict[str, str]:
-    digests = {}
-    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[str(path.relative_to(step_dir))] = h.hexdigest()
-    return digests
+class ConfigMismatchError(CheckpointError):
+    """The checkpoint was written by another model or optimizer configuration."""
+
+
+def _key_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _bits_checksum(x: jax.Array) -> jax.Array:
+    """Two uint32 sums of ``x``'s bit patterns, the second weighted by position; exact and
+    independent of sharding and reduction order (addition modulo 2^32)."""
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 8:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # a trailing axis of 2
+    else:
+        bits = x.astype(jnp.uint32)
+    primes = (2654435761, 2246822519, 3266489917, 668265263)
+    weight = jnp.ones(bits.shape, jnp.uint32)
+    for axis in range(bits.ndim):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+        weight = weight + iota * jnp.uint32(primes[axis % len(primes)])
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+_checksums = jax.jit(lambda tree: jax.tree_util.tree_map(_bits_checksum, tree))
+
+
+def value_manifest(state: Any) -> dict[str, list]:
+    """{'params/a/kernel': [shape, dtype, sum, weighted sum]} for every array of ``state``."""
+    sums = jax.device_get(_checksums(state))
+    return {
+        _key_name(path): [list(np.shape(x)), str(np.dtype(x.dtype)), *map(int, c)]
+        for (path, x), c in zip(
+            jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(sums), strict=True
+        )
+    }
+
+
+def _shapes(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the arrays under ``prefix/``, in tree order."""
+    return {
+        name[len(prefix) + 1 :]: tuple(x.shape)
+        for name, x in ((_key_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree))
+        if name.startswith(prefix + "/")
+    }
+
+
+def structure_mismatch(saved: Any, expected: Any, limit: int = 5) -> str | None:
+    """What differs between a checkpoint's array tree and the state this run builds (names and
+    shapes of parameters; the optimizer state by leaf count and shapes, since optax's tuples
+    have no stable names), or None when they agree."""
+    saved_params, want_params = _shapes(saved, "params"), _shapes(expected, "params")
+    problems = [
+        f"{name}: checkpoint {saved_params[name]}, this config {want_params[name]}"
+        for name in want_params
+        if name in saved_params and saved_params[name] != want_params[name]
+    ]
+    problems += [f"{n}: only in this config" for n in want_params if n not in saved_params]
+    problems += [f"{n}: only in the checkpoint" for n in saved_params if n not in want_params]
+    if problems:
+        more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+        return "parameters differ: " + "; ".join(problems[:limit]) + more
+    saved_opt = list(_shapes(saved, "opt_state").values())
+    want_opt = list(_shapes(expected, "opt_state").values())
+    if saved_opt != want_opt:
+        return (
+            f"the optimizer state differs ({len(saved_opt)} arrays in the checkpoint, "
+            f"{len(want_opt)} in this config): another optimizer or training strategy"
+        )
+    return None
 
 
 class Checkpointer:
-    """A ``CheckpointManager`` over ``<model_dir>/checkpoints`` with integrity manifests."""
+    """A ``CheckpointManager`` over ``<model_dir>/checkpoints`` with value manifests."""
 
-    def __init__(self, model_dir: str | Path, *, keep: int | None = 3, async_save: bool = True):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        keep: int | None = 3,
+        async_save: bool = True,
+        allow_fresh_start: bool = False,
+    ):
         self.model_dir = Path(model_dir).expanduser().resolve()  # Orbax needs absolute paths
         self.directory = self.model_dir / "checkpoints"
         self.manifest_dir = self.model_dir / MANIFEST_DIR
@@ -60,7 +142,8 @@ class Checkpointer:
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         self._manager = self._new_manager(keep, async_save)
         self._keep, self._async = keep, async_save
-        self._pending_manifest: int | None = None
+        self._allow_fresh_start = allow_fresh_start
+        self._in_flight: int | None = None
 
     def _new_manager(self, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
@@ -70,81 +153,121 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, state: Any) -> None:
-        """Starts saving ``state`` at ``step`` (asynchronously if enabled)."""
+        """Writes ``step``'s manifest, then starts saving ``state`` (asynchronously if enabled).
+
+        The caller guarantees ``state`` is finite (the train loop checks every step)."""
         self._manager.wait_until_finished()
-        self._write_pending_manifest()
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "arrays": value_manifest(state)}
+        if jax.process_index() == 0:
+            tmp = self.manifest_dir / f"{step}.json.tmp"
+            tmp.write_text(json.dumps(manifest))
+            tmp.replace(self.manifest_dir / f"{step}.json")
+        self._in_flight = step
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self._pending_manifest = step
         self._drop_stale_manifests()
 
     def wait(self) -> None:
-        """Blocks until the last save is on disk and its manifest written."""
+        """Blocks until the last save is on disk."""
         self._manager.wait_until_finished()
-        self._write_pending_manifest()
-
-    def _write_pending_manifest(self) -> None:
-        step = self._pending_manifest
-        if step is None or jax.process_index() != 0:
-            return
-        step_dir = self.directory / str(step)
-        if step_dir.is_dir():
-            tmp = self.manifest_dir / f"{step}.json.tmp"
-            tmp.write_text(json.dumps(_file_digests(step_dir), indent=0))
-            tmp.replace(self.manifest_dir / f"{step}.json")
-        self._pending_manifest = None
+        self._in_flight = None
+        self._drop_stale_manifests()
 
     def _drop_stale_manifests(self) -> None:
-        live = {str(s) for s in self._manager.all_steps()}
+        if jax.process_index() != 0:
+            return
+        live = {str(s) for s in self._manager.all_steps()} | {str(self._in_flight)}
         for manifest in self.manifest_dir.glob("*.json"):
-            if manifest.stem not in live and manifest.stem != str(self._pending_manifest):
+            if manifest.stem not in live:
                 manifest.unlink(missing_ok=True)
 
     # -- restoring ------------------------------------------------------------------------
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def verify(self, step: int) -> None:
-        """Raises CheckpointError if the step's files do not match its manifest."""
-        manifest = self.manifest_dir / f"{step}.json"
-        if not manifest.exists():
-            return  # Finalized by Orbax but killed before the manifest: Orbax's read decides.
-        expected = json.loads(manifest.read_text())
-        actual = _file_digests(self.directory / str(step))
-        missing = sorted(set(expected) - set(actual))
-        changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
-        if missing or changed:
+    def _saved_tree(self, step: int) -> Any:
+        path = self.directory / str(step) / "default"
+        metadata = ocp.StandardCheckpointer().metadata(path)
+        tree = getattr(metadata, "item_metadata", metadata)
+        if tree is None:
+            raise CheckpointError(f"no readable array metadata in {path}")
+        return tree
+
+    def verify(self, step: int, state: Any) -> None:
+        """Raises CheckpointError if restored ``state`` does not match the step's manifest.
+        A step without a manifest (written before manifests existed) is accepted, with a
+        warning."""
+        manifest_path = self.manifest_dir / f"{step}.json"
+        if not manifest_path.exists():
+            logging.warning("Checkpoint step %d has no manifest; its values are unverified", step)
+            return
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            logging.warning("Checkpoint step %d has an old manifest; values unverified", step)
+            return
+        expected, actual = manifest["arrays"], value_manifest(state)
+        changed = sorted(k for k in expected if actual.get(k) != expected[k])
+        if changed or set(actual) != set(expected):
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match its manifest: "
-                f"missing files {missing[:5]}, changed files {changed[:5]}"
+                f"{len(changed)} arrays changed, e.g. {changed[:3]}"
             )
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
         """Restores the newest readable step into ``abstract_state``'s shapes and shardings.
 
-        Returns None when there is no checkpoint. Unreadable steps are moved aside and reported.
+        Returns None when there is no checkpoint. Unreadable or corrupt steps are moved aside
+        and reported; a step of another configuration stops the run and moves nothing.
         """
         steps = self.steps()
         if not steps:
+            self._check_fresh_start()
             return None
         failures = []
         for step in reversed(steps):
             try:
-                self.verify(step)
+                saved = self._saved_tree(step)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: not usable
+                failures.append(self._quarantine_report(step, e))
+                continue
+            mismatch = structure_mismatch(saved, abstract_state)
+            if mismatch:
+                raise ConfigMismatchError(
+                    f"checkpoint step {step} in {self.directory} was written by another "
+                    f"configuration: {mismatch}. Nothing was moved. Resume with the config it "
+                    f"was trained with (see config*.gin in {self.model_dir}) or use a new "
+                    "MODEL_DIR."
+                )
+            try:
                 state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-                if failures:
-                    logging.warning("Resuming from step %d after skipping: %s", step, failures)
-                return state, step
+                self.verify(step, state)
             except Exception as e:  # noqa: BLE001 - any read failure means "not usable"
-                reason = f"{type(e).__name__}: {str(e)[:500]}"
-                moved = self._quarantine(step)
-                msg = f"checkpoint step {step} is unreadable ({reason}); moved aside to {moved}"
-                logging.error(msg)
-                print(f"WARNING: {msg}", flush=True)
-                failures.append(msg)
+                failures.append(self._quarantine_report(step, e))
+                continue
+            if failures:
+                logging.warning("Resuming from step %d after skipping: %s", step, failures)
+            return state, step
         raise CheckpointError(
             f"No readable checkpoint in {self.directory}; every step failed and was moved aside "
             f"(nothing was deleted):\n" + "\n".join(failures)
         )
+
+    def _check_fresh_start(self) -> None:
+        quarantined = self.model_dir / CORRUPT_DIR
+        if self._allow_fresh_start or not quarantined.is_dir() or not any(quarantined.iterdir()):
+            return
+        raise CheckpointError(
+            f"{self.model_dir} has no usable checkpoint but holds quarantined steps in "
+            f"{quarantined}; refusing to start from scratch over them. Inspect or move them, "
+            "or set train.allow_fresh_start=True."
+        )
+
+    def _quarantine_report(self, step: int, error: Exception) -> str:
+        reason = f"{type(error).__name__}: {str(error)[:500]}"
+        moved = self._quarantine(step)
+        msg = f"checkpoint step {step} is unreadable ({reason}); moved aside to {moved}"
+        logging.error(msg)
+        print(f"WARNING: {msg}", flush=True)
+        return msg
 
     def _quarantine(self, step: int) -> Path:
         """Moves a bad step (and its manifest) out of Orbax's view; never deletes it."""
@@ -153,7 +276,12 @@ class Checkpointer:
         dest_root = self.model_dir / CORRUPT_DIR
         dest_root.mkdir(parents=True, exist_ok=True)
         dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.move(str(self.directory / str(step)), str(dest))
+        source = self.directory / str(step)
+        if source.is_symlink():  # never follow a link out of MODEL_DIR: move the link itself
+            dest.mkdir()
+            shutil.move(str(source), str(dest / "step_link"))
+        else:
+            shutil.move(str(source), str(dest))
         manifest = self.manifest_dir / f"{step}.json"
         if manifest.exists():
             shutil.move(str(manifest), str(dest / "user_llm_manifest.json"))

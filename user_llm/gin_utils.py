@@ -18,6 +18,8 @@ from typing import Any
 import gin
 from absl import app, flags
 
+from user_llm import errors
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEARCH_PATHS = (str(REPO_ROOT / "gin"), str(REPO_ROOT), ".")
 
@@ -50,7 +52,7 @@ flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings (also: --
 flags.DEFINE_list("gin_search_paths", [], "Extra folders to look gin files up in.")
 
 
-class GinConfigError(ValueError):
+class GinConfigError(errors.UserLLMError, ValueError):
     """A gin configuration problem, stated in terms a user can act on."""
 
 
@@ -163,8 +165,8 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     def wrapped(argv):
         try:
             return main(argv)
-        except GinConfigError as e:
+        except errors.UserLLMError as e:
             print(f"ERROR: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(2 if isinstance(e, GinConfigError) else 1)
 
     app.run(wrapped)

@@ -21,12 +21,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from user_llm import checkpoints, distributed, optimizers, partitioning, strategies
+from user_llm import checkpoints, distributed, errors, optimizers, partitioning, strategies
 from user_llm.data import pipeline
 from user_llm.models import DecoderOnlyModel
 from user_llm.train_step import make_eval_step, make_train_step
 
 Array = jax.Array
+
+
+class NonFiniteError(errors.UserLLMError, FloatingPointError):
+    """Training produced a NaN or Inf; the message names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +71,17 @@ def _abstract_init(model, optimizer, input_shapes, input_types, rng):
 
 
 def _write_config(model_dir: Path) -> None:
-    if jax.process_index() == 0:
-        (model_dir / "config.gin").write_text(gin.config_str())
+    """``config.gin`` is this start's config; an earlier start's different one is kept as
+    ``config.N.gin`` (N = 1, 2, ...), never overwritten."""
+    if jax.process_index() != 0:
+        return
+    path, text = model_dir / "config.gin", gin.config_str()
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (model_dir / f"config.{n}.gin").exists():
+            n += 1
+        path.replace(model_dir / f"config.{n}.gin")
+    path.write_text(text)
 
 
 def _log(writer, step: int, metrics: Mapping[str, float], prefix: str) -> None:
@@ -100,6 +113,7 @@ def train(
     mesh: MeshConfig = MeshConfig(),
     init_checkpoint: InitCheckpoint | Sequence[InitCheckpoint] | None = None,
     seed: int = 0,
+    allow_fresh_start: bool = False,
 ) -> dict[str, Any]:
     """Trains ``model`` and returns the final train state (params on device).
 
@@ -107,6 +121,12 @@ def train(
     ``init_checkpoint`` is used only when there is none. ``strategy`` (``full``, ``lora``,
     ``enc``, ``proj``; see ``strategies.py``) picks which parameters train;
     ``learning_rate_multipliers`` ((path regex, factor) pairs) scale some parts' updates.
+
+    Every step is checked for NaN/Inf (inside the compiled step; read one step late so
+    dispatch stays asynchronous, and always before a save): the run stops at the first
+    non-finite step, never saves it, and names the last good checkpoint. A checkpoint of
+    another configuration stops the run and moves nothing; ``allow_fresh_start`` permits
+    starting from scratch in a ``model_dir`` that holds quarantined (corrupt) steps.
     """
     from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
 
@@ -158,7 +178,10 @@ def train(
 
     # -- Checkpoint resume (or warm start, or fresh) ------------------------------------------
     ckpt = checkpoints.Checkpointer(
-        model_dir_path, keep=keep_checkpoints, async_save=async_checkpointing
+        model_dir_path,
+        keep=keep_checkpoints,
+        async_save=async_checkpointing,
+        allow_fresh_start=allow_fresh_start,
     )
     restored = ckpt.restore_latest(abstract_state)
     if restored is not None:
@@ -245,19 +268,41 @@ def train(
         return metrics
 
     # -- Loop -------------------------------------------------------------------------------
+    def ensure_finite(done: int, step_metrics: Mapping[str, Any]) -> None:
+        """Stops at the first non-finite step, before anything of it is saved."""
+        if bool(step_metrics["finite"]):
+            return
+        ckpt.wait()  # a finite save still in flight is finished, not lost
+        good = ckpt.steps()
+        kept = (
+            f"the last good checkpoint is step {good[-1]} in {ckpt.directory} (kept; a rerun "
+            "resumes from it)"
+            if good
+            else "no checkpoint had been saved yet"
+        )
+        raise NonFiniteError(
+            f"Non-finite training state at step {done} (loss {float(step_metrics['loss']):.4g}, "
+            f"gradient norm {float(step_metrics['grad_norm']):.4g}); nothing of this step was "
+            f"saved and {kept}. Lower the learning rate or check the data."
+        )
+
     last_time, last_step = time.time(), start_step
     metrics = None
+    in_flight: tuple[int, Any] | None = None  # checked one step late: dispatch stays async
     for step in range(start_step, num_train_steps):
         batch = _global_batch(next(train_iter), batch_sharding)
         with nn.logical_axis_rules(rules):
             state, metrics = jit_step(state, batch, step_rng)
         done = step + 1
+        if in_flight is not None:
+            ensure_finite(*in_flight)
+        in_flight = (done, metrics)
         if log_every_steps and (done % log_every_steps == 0 or done == num_train_steps):
+            ensure_finite(done, metrics)
             with nn.logical_axis_rules(rules):
                 diagnostics = jit_diagnostics(state["params"], batch)
             metrics = {**jax.device_get(metrics), **jax.device_get(diagnostics)}
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"Loss is {metrics['loss']} at step {done}; stopping")
+            metrics.pop("finite")
             elapsed = max(time.time() - last_time, 1e-9)
             rate = (done - last_step) / elapsed
             metrics["steps_per_sec"] = rate
@@ -270,9 +315,12 @@ def train(
                 print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
             last_time, last_step = time.time(), done
         if save_every_steps and (done % save_every_steps == 0 or done == num_train_steps):
+            ensure_finite(*in_flight)
             ckpt.save(done, state)
         if eval_dataset_cfg is not None and eval_every_steps and done % eval_every_steps == 0:
             run_eval(done)
+    if in_flight is not None:
+        ensure_finite(*in_flight)
     if eval_dataset_cfg is not None and eval_every_steps and num_train_steps % eval_every_steps:
         run_eval(num_train_steps)
     ckpt.close()

@@ -76,11 +76,16 @@ def make_train_step(
             jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True
         )
         trained_grads = [g for g, t in leaves if t]
+        grad_norm = optax.global_norm(trained_grads)
+        # Checked by the loop after every step: a non-finite state is never saved.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite &= jnp.isfinite(optax.global_norm(jax.tree_util.tree_leaves(updates)))
         out = {
             "loss": loss / denom,
             "cross_entropy": metrics["cross_entropy_sum"] / denom,
             "accuracy": metrics["correct_sum"] / denom,
-            "grad_norm": optax.global_norm(trained_grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
             "learning_rate": schedule(state["step"]),
             "num_tokens": weight,
         }
