@@ -3,6 +3,7 @@ ml-latest-small with the real SmolLM2-135M (phase 1, phase 2, evaluation of ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -70,3 +71,24 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     # A second run finds every stage done and only rebuilds the report.
     again = run_module(args, timeout=1800).stdout
     assert again.count("skipped") >= 5 and "step 2:" not in again
+
+
+def test_a_different_budget_never_reuses_another_budgets_folders(tmp_path):
+    """Steps, seed and eval size name the folders they made: a run with another budget must not
+    resume from (or be skipped as) the default one, while the default keeps its names."""
+    v = ex.XATTN
+    default = ex.stages(v, "movielens", tmp_path, ex.Budget())
+    for changed in (
+        ex.Budget(steps=450),
+        ex.Budget(seed=1),
+        ex.Budget(encoder_steps=20),
+        dataclasses.replace(ex.Budget(), eval_examples=128),
+    ):
+        plan = ex.stages(v, "movielens", tmp_path, changed)
+        assert plan[-1][2] != default[-1][2], changed  # the eval JSON
+        if changed.eval_examples == ex.Budget().eval_examples:
+            assert plan[-2][2].parent.parent != default[-2][2].parent.parent, changed
+    longer = ex.stages(dataclasses.replace(v, steps=450), "movielens", tmp_path, ex.Budget())
+    assert longer[-2][2] == ex.stages(v, "movielens", tmp_path, ex.Budget(steps=450))[-2][2]
+    assert "--gin.TRAIN_STEPS=450" in longer[-2][1]
+    assert default[-2][2].parent.parent.name == ex.run_name(v)  # defaults: names unchanged

@@ -105,6 +105,9 @@ def test_length_normalized_score_is_the_mean_token_log_probability():
             logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
             by_hand = [float(logp[len(p) - 1 + j, t]) for j, t in enumerate(cand)]
             assert norm[b, c] == pytest.approx(np.mean(by_hand), rel=1e-4, abs=1e-4)
+            # The true answer's geometric-mean token probability, for label c.
+            prob = evaluate.target_token_prob(norm, np.array([c, c]))[b]
+            assert prob == pytest.approx(np.exp(np.mean(by_hand)), rel=1e-4)
 
 
 def test_genre_ranking_scores_equal_full_forward_likelihoods():

@@ -135,6 +135,13 @@ def length_normalized(scores: np.ndarray, answer_tokens: np.ndarray) -> np.ndarr
     return np.asarray(scores, np.float64) / lengths
 
 
+def target_token_prob(norm_scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per example, the geometric-mean probability of the true answer's tokens (exp of its mean
+    log-likelihood per token). Teacher-forced, so it moves before any ranking does: the most
+    sensitive check that the LLM reads the user (paired against the shuffled user)."""
+    return np.exp(np.take_along_axis(norm_scores, labels[:, None], axis=-1)[:, 0])
+
+
 def candidate_tokens(
     titles: np.ndarray,
     index: np.ndarray,
@@ -313,6 +320,8 @@ class _LLMScorer:
                 labels = _answer_index(self.answers, targets)
                 out["accuracy_ranked"] = (np.argmax(scores, -1) == labels).astype(np.float64)
                 out["accuracy_ranked_norm"] = (np.argmax(norm, -1) == labels).astype(np.float64)
+            if np.all(labels >= 0):
+                out["target_token_prob"] = target_token_prob(norm, labels)
         else:
             tokens = np.asarray(self.predict(self.params, batch))
         generated = [self.vocab.decode(row.tolist()) for row in tokens[:n]]

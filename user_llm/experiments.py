@@ -54,6 +54,7 @@ class Variant:
     form: str = "userllm"  # the task form read: "userllm" | "tp" | "hybrid"
     files: tuple[str, ...] = ()  # extra phase-2 gin files (after the experiment file)
     bindings: tuple[tuple[str, Any], ...] = ()
+    steps: int | None = None  # phase-2 / LoRA steps of this variant (None: the budget's)
 
 
 # The phase-2 recipe sweep (results/phase2_recipe.md): one lever at a time from the earlier
@@ -61,14 +62,18 @@ class Variant:
 # 6th layer, Enc).
 FAST = (("INTEGRATION_LR_MULTIPLIER", 10.0),)
 RESCALED = FAST + (("RESIDUAL_SCALE", True),)
-# The recipe the main job and the studies build on: the only row of the sweep whose answers
-# depend on the user (favourite genre; next item does not yet).
-RECIPE = RESCALED + (("USE_PERCEIVER", False),)
-XATTN = Variant("User-LLM, cross-attention (Enc, recipe)", bindings=RECIPE)
+ENC_RECIPE = RESCALED + (("USE_PERCEIVER", False),)
+# The recipe the main job and the studies build on: the sweep's best row, the only one whose
+# answers depend on the user beyond its intervals (favourite genre; next item not yet).
+# Freezing the phase-1 encoder keeps what it knows while the fresh integration is noisy.
+RECIPE = ENC_RECIPE + (("STRATEGY", "proj"),)
+XATTN = Variant("User-LLM, cross-attention (Proj, recipe)", bindings=RECIPE)
 RECIPE_SWEEP = [  # in the order they were run
     Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
     Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),
-    Variant("no Perceiver, integration lr x10, residual-scaled blocks (recipe)", bindings=RECIPE),
+    Variant("no Perceiver, integration lr x10, residual-scaled blocks (Enc)", bindings=ENC_RECIPE),
+    Variant("recipe, encoder frozen (Proj)", bindings=RECIPE),
+    Variant("recipe (Proj), 450 steps", bindings=RECIPE, steps=450),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
@@ -173,12 +178,23 @@ def run_name(v: Variant) -> str:
     return f"{v.kind}_{v.encoder}_{v.form}_h{v.history_length}_{digest}"
 
 
+def budget_tag(**values: Any) -> str:
+    """'' when every value is the default ``Budget``'s, else '_' and a short hash of the
+    others: a folder names the budget it was made with, so a run with other steps, seed or
+    eval size never resumes from, or is skipped as, another budget's run."""
+    changed = {k: v for k, v in sorted(values.items()) if v != getattr(Budget(), k)}
+    return "_" + hashlib.sha1(repr(changed).encode()).hexdigest()[:6] if changed else ""
+
+
 def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[str, list, Path]]:
     """(stage name, python args, file that marks it done) for one variant, in order."""
     length = v.history_length
     llm = root / "smollm2"
     overlay = () if dataset == "movielens" else ("experiments/amazon_reviews.gin",)
-    enc_dir = root / f"encoder_{v.encoder}_h{length}"
+    enc_name = f"encoder_{v.encoder}_h{length}" + budget_tag(
+        encoder_steps=budget.encoder_steps, seed=budget.seed
+    )
+    enc_dir = root / enc_name
     enc_files = ["experiments/movielens_encoder_pretrain.gin", *ENCODER_FILES[v.encoder], *overlay]
     enc_bind = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.encoder_steps, "SEED": budget.seed,
                 "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
@@ -186,11 +202,14 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     out: list[tuple[str, list, Path]] = [
         ("import_llm", ["-m", "user_llm.import_checkpoint", "--gguf=packaged",
                         f"--output_dir={llm}"], llm / "config.json"),
-        (f"encoder_{v.encoder}_h{length}", ["-m", "user_llm.train", *gin_args(enc_files, enc_bind)],
+        (enc_name, ["-m", "user_llm.train", *gin_args(enc_files, enc_bind)],
          enc_dir / "checkpoints" / str(budget.encoder_steps)),
     ]  # fmt: skip
-    slug = run_name(v)
-    run_dir, eval_json = root / slug, root / "eval" / f"{slug}.json"
+    steps = v.steps or budget.steps
+    slug = run_name(v) + budget_tag(
+        steps=steps, encoder_steps=budget.encoder_steps, seed=budget.seed
+    )
+    run_dir = root / slug
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
     if dataset in REVIEWS:
         tasks.append(task(dataset, "review_gen", v.form, length))
@@ -198,6 +217,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     n_eval = 0 if v.kind == "encoder" else budget.eval_examples
     if v.form in ("tp", "tpchat") and budget.text_prompt_eval_examples is not None:
         n_eval = budget.text_prompt_eval_examples
+    eval_tag = "" if v.kind == "encoder" else budget_tag(eval_examples=n_eval)
+    eval_json = root / "eval" / f"{slug}{eval_tag}.json"
     evaluate = ["-m", "user_llm.evaluate", f"--num_examples={n_eval}", "--split=test",
                 f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
@@ -205,7 +226,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
                                      f"--tasks={tasks[0].removesuffix(SUFFIX)}"],
                     eval_json))  # fmt: skip
         return out
-    common = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.steps, "SEED": budget.seed,
+    common = {"HISTORY_LENGTH": length, "TRAIN_STEPS": steps, "SEED": budget.seed,
               "MIXTURE_OR_TASK_NAME": f"{dataset}_{v.form}_h{length}{SUFFIX}",
               "LLM_CHECKPOINT": str(llm), "MODEL_DIR": str(run_dir),
               "train_lib.train.eval_every_steps": 0, "train_lib.train.log_every_steps": 10,
@@ -225,7 +246,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     bindings = {**common, **dict(v.bindings)}
     if v.kind != "tp_frozen":
         out.append((slug, ["-m", "user_llm.train", *gin_args(files, bindings)],
-                    run_dir / "checkpoints" / str(budget.steps)))  # fmt: skip
+                    run_dir / "checkpoints" / str(steps)))  # fmt: skip
     out.append((f"eval_{slug}", [*evaluate, *gin_args(files, bindings),
                                  f"--tasks={','.join(tasks)}"], eval_json))  # fmt: skip
     return out
@@ -260,8 +281,9 @@ PROTOCOL = (
     "proportion to their training popularity), ranked by the mean log-likelihood per title "
     "token; full-catalogue Recall@10 over every movie seen in training, history excluded. "
     "Favourite genre: ranked = the most likely of all genre names; gen. = exact match of the "
-    "greedy answer. Controls: the same model on the same users with another test user's "
-    "history (shuffled user) or none (no user)."
+    "greedy answer. Token prob.: the geometric-mean probability of the true answer's tokens "
+    "(teacher-forced; it moves before any ranking does). Controls: the same model on the same "
+    "users with another test user's history (shuffled user) or none (no user)."
 )
 # Candidate ranking's headline score: the mean log-likelihood per title token ("_norm"); the
 # summed score ("") is kept in every eval JSON. See results/phase2_recipe.md for why.
@@ -275,6 +297,8 @@ COLUMNS = [
     ("Full-catalogue Recall@10", "next_item", "full_recall@10"),
     ("Fav. genre acc. (ranked)", "favorite", f"accuracy_ranked{SCORING}"),
     ("Fav. genre acc. (gen.)", "favorite", "accuracy"),
+    ("Next-item token prob.", "next_item", "target_token_prob"),
+    ("Genre token prob.", "favorite", "target_token_prob"),
     ("Review ROUGE-Lsum", "review_gen", "rouge_lsum"),
 ]
 RULE_METRICS = {"accuracy_ranked": "accuracy"}  # a rule's answer fills both genre columns
