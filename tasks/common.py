@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import seqio
 import tensorflow as tf
+from absl import logging
 
 from user_llm.data import features as F
 from user_llm.data import readers
@@ -105,7 +106,12 @@ class TaskData:
 @functools.lru_cache(maxsize=8)
 def task_data(dataset: str, data_dir: str | None, config: HistoryConfig) -> TaskData:
     """Reads the dataset and builds its histories once per process (several tasks share it)."""
-    interactions, items, _ = readers.load(dataset, data_dir)
+    interactions, items, report = readers.load(dataset, data_dir)
+    if report.rows_skipped:  # in every training and eval log, so a loss is never silent
+        logging.warning(
+            "%s: read %d rows from %s, dropped %s", dataset, report.rows_read,
+            data_dir or "the bundled data", report.rows_skipped,
+        )  # fmt: skip
     h = build_histories(interactions, items, config)
     reviews = interactions["review_text"].to_numpy(dtype=object)
     review_texts = {s: reviews[h.target_rows[s]] for s in SPLITS}

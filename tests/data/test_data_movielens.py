@@ -86,7 +86,6 @@ BAD_RATINGS = {
     "rating_out_of_range": ("1,10,7.0,100", 3),
     "mistyped_field": ("1,abc,4.0,100", 3),
     "wrong_field_count": ("1,10,4.0", 3),
-    "duplicate_row": ("1,10,4.0,100", 3),
 }
 
 
@@ -101,6 +100,20 @@ def test_bad_ratings_raise_with_line_or_are_counted(tmp_path, reason):
     assert len(inter) == 2
     assert report.rows_skipped == {reason: 1}
     assert report.rows_read == 3
+
+
+def test_duplicate_rows_are_dropped_and_counted_by_default(tmp_path):
+    """Official releases hold duplicate lines: strict mode keeps the first of each (user, item,
+    timestamp) and counts exact and conflicting duplicates apart; nothing is silent."""
+    ratings = ["1,10,4.0,100", "1,10,4.0,100", "2,20,3.0,5", "2,20,1.0,5", "1,10,4.0,100"]
+    folder = ml_csv(tmp_path, ratings=ratings)
+    for lenient in (False, True):
+        inter, _, report = read_movielens(folder, lenient=lenient)
+        assert sorted(zip(inter["user_id"], inter["rating"], strict=True)) == [
+            ("1", 4.0),
+            ("2", 3.0),
+        ]
+        assert report.rows_skipped == {"duplicate_row": 2, "conflicting_duplicate_row": 1}
 
 
 def test_non_utf8_bytes_in_csv(tmp_path):

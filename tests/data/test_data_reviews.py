@@ -99,7 +99,6 @@ BAD_AMAZON = {
     ),  # fmt: skip
     "rating_out_of_range": json.dumps(review23("u3", "B3", 3000, rating=0.0)),
     "invalid_utf8": b'{"rating": 5.0, "title": "caf\xe9"}',
-    "duplicate_row": json.dumps(review23("u1", "B1", 1000)),
 }
 
 
@@ -113,6 +112,21 @@ def test_amazon_bad_lines(tmp_path, reason):
     assert inter["user_id"].tolist() == ["u1", "u2"]
     assert report.rows_skipped == {reason: 1}
     assert report.rows_read == 3
+
+
+def test_amazon_duplicates_are_dropped_and_counted_in_strict_mode(tmp_path):
+    exact = json.dumps(review23("u1", "B1", 1000))
+    path = _amazon_file(tmp_path, exact)
+    other = write_lines(
+        tmp_path / "Other.jsonl",
+        [exact, json.dumps(review23("u1", "B1", 1000, rating=1.0)), exact],
+    )
+    inter, _, report = read_amazon(path)
+    assert inter["user_id"].tolist() == ["u1", "u2"]
+    assert report.rows_skipped == {"duplicate_row": 1}
+    inter, _, report = read_amazon(other)
+    assert inter["rating"].tolist() == [5.0]  # the first line is kept
+    assert report.rows_skipped == {"duplicate_row": 1, "conflicting_duplicate_row": 1}
 
 
 def test_amazon_bad_line_in_gz_and_json_array_line(tmp_path):
@@ -171,3 +185,18 @@ def test_google_local_bad_rating(tmp_path):
         read_google_local(path)
     inter, _, report = read_google_local(path, lenient=True)
     assert len(inter) == 1 and report.rows_skipped == {"rating_out_of_range": 1}
+
+
+def test_real_amazon_file_with_duplicated_lines_reads_strictly(tmp_path):
+    """Real All_Beauty reviews with five lines repeated (as in official 5-core files): the
+    default (strict) read drops and counts exactly those, and keeps every other row."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "amazon_reviews_2023" / "All_Beauty.jsonl"
+    lines = source.read_text().splitlines()
+    path = write_lines(tmp_path / "All_Beauty.jsonl", lines + lines[3:8])
+    clean, _, _ = read_amazon(source)
+    inter, _, report = read_amazon(path)
+    assert report.rows_skipped == {"duplicate_row": 5}
+    assert report.rows_read == len([x for x in lines if x.strip()]) + 5
+    assert len(inter) == len(clean)
