@@ -13,7 +13,7 @@ resumes where it stopped):
    cross-attention in every 6th layer over the encoder's 50 output vectors, each block's output
    scaled to the residual stream's RMS, the integration at 10x the encoder's learning rate,
    trained on next movie + favorite genre: the recipe of ``results/phase2_recipe.md``
-   (``experiments.RECIPE``).
+   (``experiments.ENC_RECIPE``).
 4. ``eval/``: User-LLM on the first ``--eval_examples`` test users, with its shuffled-user and
    no-user controls (paired intervals); the frozen SmolLM2 reading the history as text in its
    chat template (TP, zero-shot) on the same users; the encoder's own next-item head and the
@@ -57,7 +57,9 @@ DATASET = "movielens"
 
 def variants(history_length: int, with_tp_lora: bool) -> list[ex.Variant]:
     systems = [
-        dataclasses.replace(ex.XATTN, history_length=history_length),
+        # results/main_job.md was measured with the sweep's Enc recipe; the Proj recipe
+        # (ex.XATTN, encoder frozen) replaces it when the main job's table is next rerun.
+        ex.Variant("User-LLM, cross-attention (Enc, recipe)", bindings=ex.ENC_RECIPE),
         ex.Variant(
             "TP, frozen SmolLM2 (zero-shot, chat template)", kind="tp_frozen", form="tpchat"
         ),
