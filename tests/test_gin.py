@@ -121,6 +121,19 @@ def test_unknown_binding_is_named():
     gin.clear_config()
 
 
+def test_misspelled_macro_is_an_error_with_a_suggestion():
+    """gin would silently define a new macro BATCH_SIZ that nothing reads."""
+    files = ["experiments/movielens_titles_lm.gin", "local_tiny.gin"]
+    with pytest.raises(GinConfigError, match=r"BATCH_SIZ \(did you mean BATCH_SIZE"):
+        gin_utils.parse_gin(files, ["MODEL_DIR='/tmp/x'", "BATCH_SIZ = 4"], finalize=False)
+    # A macro read by another binding is fine, and so is every macro the files read.
+    gin_utils.parse_gin(
+        files, ["MODEL_DIR='/tmp/x'", "MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS"], finalize=False
+    )
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") is not None
+    gin.clear_config()
+
+
 def test_missing_gin_file_is_named(tmp_path: Path):
     with pytest.raises(GinConfigError, match="no_such_file.gin"):
         gin_utils.parse_gin(["no_such_file.gin"])

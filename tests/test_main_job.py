@@ -12,6 +12,7 @@ import seqio
 from conftest import REPO_ROOT, run_module
 
 from user_llm import experiments as ex
+from user_llm import gin_utils
 
 
 @pytest.mark.parametrize("study", sorted(ex.STUDIES))
@@ -25,6 +26,10 @@ def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, 
     for v in ex.STUDIES[study]:
         for name, args, done in ex.stages(v, dataset, tmp_path, ex.Budget()):
             assert str(done).startswith(str(tmp_path)), (name, done)
+            files = [a.split("=", 1)[1] for a in args if a.startswith("--gin_file=")]
+            bindings = [a[len("--gin.") :] for a in args if a.startswith("--gin.")]
+            paths = list(gin_utils.DEFAULT_SEARCH_PATHS)
+            assert gin_utils.unused_macros(files, bindings, paths) is None, (name, v.name)
             for arg in args:
                 if arg.startswith("--gin_file="):
                     assert (REPO_ROOT / "gin" / arg.split("=", 1)[1]).is_file(), arg

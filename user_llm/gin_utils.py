@@ -8,6 +8,7 @@ Errors are made specific: an unknown binding or a REQUIRED macro left unset name
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -70,9 +71,12 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 _REQUIRED_MACRO = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*%gin\.REQUIRED\s*$", re.M)
 
 
-def required_macros(gin_files: Sequence[str], search_paths: Sequence[str]) -> list[str]:
-    """Macros that the given files (and their includes) declare as ``%gin.REQUIRED``."""
-    names: list[str] = []
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=", re.M)
+
+
+def gin_texts(gin_files: Sequence[str], search_paths: Sequence[str]) -> list[str]:
+    """The text of each given file and of everything it includes, each file once."""
+    texts: list[str] = []
     seen: set[Path] = set()
 
     def visit(name: str) -> None:
@@ -81,13 +85,49 @@ def required_macros(gin_files: Sequence[str], search_paths: Sequence[str]) -> li
             return
         seen.add(path)
         text = path.read_text()
+        texts.append(text)
         for inc in re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", text, re.M):
             visit(inc)
-        names.extend(m for m in _REQUIRED_MACRO.findall(text) if m not in names)
 
     for f in gin_files:
         visit(f)
+    return texts
+
+
+def required_macros(gin_files: Sequence[str], search_paths: Sequence[str]) -> list[str]:
+    """Macros that the given files (and their includes) declare as ``%gin.REQUIRED``."""
+    names: list[str] = []
+    for text in gin_texts(gin_files, search_paths):
+        names.extend(m for m in _REQUIRED_MACRO.findall(text) if m not in names)
     return names
+
+
+def unused_macros(
+    gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str]
+) -> str | None:
+    """A message naming each macro set by a binding (``NAME=...``) that no file defines and
+    no file or other binding reads as ``%NAME`` (a misspelling, which gin would ignore), or
+    None."""
+    texts = gin_texts(gin_files, search_paths)
+    bindings = list(gin_bindings)
+    known = sorted({m for text in texts for m in _MACRO_BINDING.findall(text)})
+    problems = []
+    for i, binding in enumerate(bindings):
+        match = _MACRO_BINDING.match(binding)
+        if not match:
+            continue
+        name = match.group(1)
+        readers = texts + bindings[:i] + bindings[i + 1 :]
+        if name not in known and not any(re.search(rf"%{name}\b", t) for t in readers):
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{name}{hint}")
+    if not problems:
+        return None
+    return (
+        f"Gin macro(s) set but read by no gin file: {'; '.join(problems)}. A misspelled macro "
+        "would be ignored silently, so this is an error."
+    )
 
 
 def find_gin_file(name: str, search_paths: Sequence[str]) -> Path:
@@ -114,6 +154,8 @@ def parse_gin(
         gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
     except Exception as e:  # noqa: BLE001 - gin raises many types; all are config errors here
         raise GinConfigError(f"Gin configuration error: {type(e).__name__}: {e}") from e
+    if unused := unused_macros(gin_files, gin_bindings, paths):
+        raise GinConfigError(unused)
     missing = []
     for macro in required_macros(gin_files, paths):
         try:
