@@ -150,3 +150,33 @@ def test_unknown_layout(tmp_path):
     write_lines(tmp_path / "something.csv", ["a,b"])
     with pytest.raises(DataError, match="no MovieLens files"):
         read_movielens(tmp_path)
+
+
+def test_a_file_cut_mid_line_is_refused_or_its_last_line_dropped(tmp_path):
+    """A u.data cut inside its last timestamp still parses as a valid row: the missing final
+    newline is what gives the cut away."""
+    folder = ml_csv(tmp_path, ratings=["1,10,4.0,100", "2,20,3.0,8812"])
+    path = folder / "ratings.csv"
+    path.write_bytes(path.read_bytes()[:-3])  # "...,88" without its newline
+    with pytest.raises(DataError, match=r"ratings\.csv:3: the file does not end with a newline"):
+        read_movielens(folder)
+    inter, _, report = read_movielens(folder, lenient=True)
+    assert inter["user_id"].tolist() == ["1"]
+    assert report.rows_skipped == {"unterminated_last_line": 1}
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ("1e3,10,4.0,100", "mistyped_field"),  # would become user 1000
+        ("3,10,4.0,4611686018427387904", "timestamp_out_of_range"),  # 2^62 seconds
+        ("3,10,4.0,-5", "timestamp_out_of_range"),
+    ],
+)
+def test_implausible_ids_and_timestamps_are_caught(tmp_path, row, reason):
+    folder = ml_csv(tmp_path, ratings=["1,10,4.0,100", row, "2,20,3.0,5"])
+    with pytest.raises(DataError, match=r"ratings\.csv:3: "):
+        read_movielens(folder)
+    inter, _, report = read_movielens(folder, lenient=True)
+    assert sorted(inter["user_id"]) == ["1", "2"]
+    assert report.rows_skipped == {reason: 1}

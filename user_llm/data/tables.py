@@ -37,6 +37,17 @@ INTERACTION_COLUMNS = (
 ITEM_COLUMNS = ("item_id", "title", "categories", "text")
 LIST_OF_STR = pd.ArrowDtype(pa.list_(pa.string()))
 
+# Timestamps (unix seconds) after 2100-01-01 are not interaction times: a garbled field.
+MAX_TIMESTAMP_SECONDS = 4_102_444_800
+TIMESTAMP_RANGE = "timestamp_out_of_range"  # the reason every reader reports
+
+
+def bad_timestamps(seconds: np.ndarray) -> np.ndarray:
+    """Rows whose unix-seconds timestamp is negative, fractional or after 2100."""
+    seconds = np.asarray(seconds, dtype=np.float64)
+    return (seconds < 0) | (seconds > MAX_TIMESTAMP_SECONDS) | (seconds != np.floor(seconds))
+
+
 # Internal bookkeeping columns readers carry until validation is done.
 SOURCE_COLUMN = "_source"
 LINE_COLUMN = "_line"

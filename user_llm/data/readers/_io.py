@@ -179,6 +179,22 @@ def read_json_lines(
 # ----------------------------------------------------------------------------- delimited text
 
 
+def check_final_newline(data: bytes, name: str, report: ParseReport, lenient: bool) -> bytes:
+    """``data`` if it ends with a newline (or is empty); else a clear error, or (lenient) the
+    data without its unterminated last line, counted as ``unterminated_last_line``."""
+    if not data or data.endswith(b"\n") or not data.strip():
+        return data
+    if not lenient:
+        raise DataError(
+            name,
+            data.count(b"\n") + 1,
+            "the file does not end with a newline, so its last line may be cut short (an "
+            "interrupted copy or download?); pass lenient=True to drop that line and count it",
+        )
+    report.skip("unterminated_last_line")
+    return data[: data.rfind(b"\n") + 1]
+
+
 def read_delimited(
     data: bytes,
     name: str,
@@ -195,8 +211,11 @@ def read_delimited(
 
     ``columns`` names every column in the file; only those in ``types`` are returned. Rows with
     the wrong number of fields or values that do not convert raise ``DataError`` with their line
-    (strict), or are dropped and counted (lenient). Blank lines are ignored.
+    (strict), or are dropped and counted (lenient). Blank lines are ignored. A file that does
+    not end with a newline may have lost the end of its last line (``1\t10\t4\t8812`` is still
+    a valid row): strict mode refuses it, lenient mode drops that line and counts it.
     """
+    data = check_final_newline(data, name, report, lenient)
     first_line = 2 if header else 1
     read_opts = pcsv.ReadOptions(column_names=columns, skip_rows=1 if header else 0)
     parse = dict(delimiter=delimiter, quote_char='"' if quoting else False)
@@ -283,8 +302,8 @@ def _slow_delimited(data, name, columns, types, report, lenient, read_opts, pars
         text = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
         values = _to_numeric(text)
         bad = np.isnan(values)
-        if pa.types.is_integer(typ):
-            bad |= ~np.isnan(values) & (values != np.round(values))
+        if pa.types.is_integer(typ):  # digits only: "1e3" or "7.0" is not an id
+            bad |= ~_plain_integers(text)
         new_bad = bad & ~bad_any
         if new_bad.any() and not lenient:
             i = int(np.flatnonzero(new_bad)[0])
@@ -296,13 +315,23 @@ def _slow_delimited(data, name, columns, types, report, lenient, read_opts, pars
     result = {}
     for c, typ in types.items():
         v = out[c]
-        if isinstance(v, np.ndarray):
+        if isinstance(v, np.ndarray) and pa.types.is_integer(typ):  # exact, beyond 2^53 too
+            result[c] = pa.array([int(t) for t in table[c].filter(pa.array(keep)).to_pylist()], typ)
+        elif isinstance(v, np.ndarray):
             v = np.where(keep, v, 0)[keep]
             result[c] = pa.array(v.astype(typ.to_pandas_dtype()))
         else:
             result[c] = v.filter(pa.array(keep))
     result["_line"] = pa.array(lines[keep])
     return pa.table(result)
+
+
+def _plain_integers(text: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    return (
+        pd.Series(text, dtype=object).str.fullmatch(r"\s*[+-]?\d+\s*").fillna(False).to_numpy(bool)
+    )
 
 
 def _to_numeric(text: np.ndarray) -> np.ndarray:

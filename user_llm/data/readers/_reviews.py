@@ -14,10 +14,12 @@ import pyarrow.compute as pc
 
 from user_llm.data.readers._io import open_binary
 from user_llm.data.tables import (
+    TIMESTAMP_RANGE,
     DataError,
     ParseReport,
     add_missing_items,
     attach_item_categories,
+    bad_timestamps,
     empty_items,
     finalize_interactions,
     finalize_items,
@@ -143,7 +145,9 @@ def reviews_frame(
     r = df["rating"].to_numpy()
     df = reject_rows(df, (r < lo) | (r > hi), "rating_out_of_range", report, lenient)
     ts = df["timestamp"].to_numpy()
-    df = reject_rows(df, (ts < 0) | (ts != np.floor(ts)), "bad_timestamp", report, lenient)
+    # A fractional raw value is bad (-1); milliseconds become whole seconds.
+    seconds = np.where(ts == np.floor(ts), np.floor(ts / timestamp_divisor), -1)
+    df = reject_rows(df, bad_timestamps(seconds), TIMESTAMP_RANGE, report, lenient)
     df["timestamp"] = df["timestamp"].to_numpy().astype(np.int64) // timestamp_divisor
     return df, users_seen
 

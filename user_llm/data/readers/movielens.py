@@ -22,10 +22,12 @@ import pyarrow.compute as pc
 from user_llm.data.readers._io import decode_text, read_delimited, strip_bad_utf8
 from user_llm.data.readers._source import FileSource
 from user_llm.data.tables import (
+    TIMESTAMP_RANGE,
     DataError,
     ParseReport,
     add_missing_items,
     attach_item_categories,
+    bad_timestamps,
     finalize_interactions,
     finalize_items,
     reject_rows,
@@ -119,7 +121,7 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
     lo, hi = RATING_RANGE
     rating = df["rating"].to_numpy()
     df = reject_rows(df, (rating < lo) | (rating > hi), "rating_out_of_range", report, lenient)
-    df = reject_rows(df, df["timestamp"].to_numpy() < 0, "negative_timestamp", report, lenient)
+    df = reject_rows(df, bad_timestamps(df["timestamp"]), TIMESTAMP_RANGE, report, lenient)
     return finalize_interactions(df, report, lenient, users_seen=users_seen)
 
 
