@@ -180,3 +180,17 @@ def test_implausible_ids_and_timestamps_are_caught(tmp_path, row, reason):
     inter, _, report = read_movielens(folder, lenient=True)
     assert sorted(inter["user_id"]) == ["1", "2"]
     assert report.rows_skipped == {reason: 1}
+
+
+def test_zip_member_expanding_implausibly_is_refused(tmp_path):
+    import zipfile
+
+    folder = ml_csv(tmp_path)
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in folder.iterdir():
+            if p.name != "ratings.csv":
+                z.write(p, f"ml-tiny/{p.name}")
+        z.writestr("ml-tiny/ratings.csv", b"userId,movieId,rating,timestamp\n" + b"0" * (80 << 20))
+    with pytest.raises(DataError, match=r"bomb\.zip/ml-tiny/ratings\.csv: expands to"):
+        read_movielens(archive)

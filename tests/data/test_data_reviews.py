@@ -200,3 +200,20 @@ def test_real_amazon_file_with_duplicated_lines_reads_strictly(tmp_path):
     assert report.rows_skipped == {"duplicate_row": 5}
     assert report.rows_read == len([x for x in lines if x.strip()]) + 5
     assert len(inter) == len(clean)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_crc", "trailing_garbage"])
+def test_corrupt_gz_names_the_file_in_strict_and_lenient_mode(tmp_path, damage):
+    lines = [json.dumps(review23(f"u{i}", f"B{i}", 1000 + i)) for i in range(200)]
+    path = write_lines(tmp_path / "Books.jsonl.gz", lines, gz=True)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "bad_crc":
+        data[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    else:
+        data += b"not gzip at all"
+    path.write_bytes(bytes(data))
+    for lenient in (False, True):
+        with pytest.raises(DataError, match=r"Books\.jsonl\.gz(:\d+)?: corrupt or truncated"):
+            read_amazon(path, lenient=lenient)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,20 @@ import pyarrow.json as pjson
 from user_llm.data.tables import DataError, ParseReport
 
 _WHITESPACE = np.array([9, 10, 13, 32], dtype=np.uint8)
+
+
+# What a corrupt or truncated .gz raises while reading (and zipfile for a bad member).
+DECOMPRESSION_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, zipfile.BadZipFile)
+
+
+def corrupt_file(path: str | Path, line: int | None, error: Exception) -> DataError:
+    """The error for a file that cannot be decompressed: lenient mode cannot skip it."""
+    return DataError(
+        str(path),
+        line,
+        f"corrupt or truncated compressed file ({type(error).__name__}: {str(error)[:200]}); "
+        "fetch or copy it again",
+    )
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
@@ -75,11 +91,14 @@ def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
     line = 1
     with open_binary(path) as f:
         while True:
-            data = f.read(chunk_bytes)
+            try:
+                data = f.read(chunk_bytes)
+                if data and not data.endswith(b"\n"):
+                    data += f.readline()
+            except DECOMPRESSION_ERRORS as e:
+                raise corrupt_file(path, line, e) from None
             if not data:
                 return
-            if not data.endswith(b"\n"):
-                data += f.readline()
             yield data, line
             line += data.count(b"\n")
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from user_llm.data.readers._io import open_binary
+from user_llm.data.readers._io import DECOMPRESSION_ERRORS, corrupt_file, open_binary
 from user_llm.data.tables import (
     TIMESTAMP_RANGE,
     DataError,
@@ -82,7 +82,15 @@ def first_record_keys(path: Path) -> set[str]:
     import json
 
     with open_binary(path) as f:
-        for i, raw in enumerate(f, start=1):
+        i, lines = 0, iter(f)
+        while True:
+            try:
+                raw = next(lines, None)
+            except DECOMPRESSION_ERRORS as e:
+                raise corrupt_file(path, i + 1, e) from None
+            if raw is None:
+                break
+            i += 1
             if raw.strip():
                 try:
                     obj = json.loads(raw)

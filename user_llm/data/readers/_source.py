@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 from user_llm.data.tables import DataError
+
+# One archive member is read into memory: bound it (the largest MovieLens file, ml-32m's
+# ratings.csv, is ~0.9 GB; text compresses ~3-10x, a zip bomb ~1000x).
+MAX_MEMBER_BYTES = 4 << 30
+MAX_RATIO = 100
 
 
 class FileSource:
@@ -35,9 +41,24 @@ class FileSource:
         return min(hits, key=lambda n: (n.count("/"), n)) if hits else None
 
     def read(self, name: str) -> bytes:
-        if self._zip is not None:
+        if self._zip is None:
+            return (self.root / name).read_bytes()
+        info = self._zip.getinfo(name)
+        if info.file_size > MAX_MEMBER_BYTES or (
+            info.file_size > 64 << 20 and info.file_size > MAX_RATIO * max(info.compress_size, 1)
+        ):
+            raise DataError(
+                self.display(name),
+                None,
+                f"expands to {info.file_size:,} bytes from {info.compress_size:,} (limits: "
+                f"{MAX_MEMBER_BYTES:,} bytes, ratio {MAX_RATIO}); not a release file",
+            )
+        try:
             return self._zip.read(name)
-        return (self.root / name).read_bytes()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise DataError(
+                self.display(name), None, f"corrupt archive member ({type(e).__name__}: {e})"
+            ) from None
 
     def display(self, name: str) -> str:
         """How error messages name a file: ``archive.zip/member`` or the full path."""
