@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -60,9 +61,22 @@ class MissingDataError(FileNotFoundError):
     """A task's data files are absent; the message says which env var / files to provide."""
 
 
+@gin.configurable(module="tasks")
+def data_settings(
+    data_dirs: dict[str, str] | None = None, lenient: bool = False
+) -> tuple[dict[str, str], bool]:
+    """Where each family's release files are (``{"amazon_reviews": "/data/amazon"}``; a family
+    not named falls back to its environment variable, then its default) and whether readers
+    skip and count bad rows (``lenient``) instead of stopping at the first. Gin-configurable
+    (``--gin.tasks.data_settings.lenient=True``), so a run's ``config.gin`` records both."""
+    return dict(data_dirs or {}), bool(lenient)
+
+
 def resolve_data_dir(family: Family) -> str | None:
-    """The family's data directory (env var, else default); raises if it does not exist."""
-    value = os.environ.get(family.env_var) or family.default_dir
+    """The family's data directory (gin ``data_settings``, else its env var, else default);
+    raises if it does not exist."""
+    value = data_settings()[0].get(family.name) or os.environ.get(family.env_var)
+    value = value or family.default_dir
     if value is None:
         if family.name == "movielens":
             return None  # the bundled ml-latest-small
@@ -104,9 +118,11 @@ class TaskData:
 
 
 @functools.lru_cache(maxsize=8)
-def task_data(dataset: str, data_dir: str | None, config: HistoryConfig) -> TaskData:
+def task_data(
+    dataset: str, data_dir: str | None, config: HistoryConfig, lenient: bool = False
+) -> TaskData:
     """Reads the dataset and builds its histories once per process (several tasks share it)."""
-    interactions, items, report = readers.load(dataset, data_dir)
+    interactions, items, report = readers.load(dataset, data_dir, lenient=lenient)
     if report.rows_skipped:  # in every training and eval log, so a loss is never silent
         logging.warning(
             "%s: read %d rows from %s, dropped %s", dataset, report.rows_read,
@@ -119,21 +135,29 @@ def task_data(dataset: str, data_dir: str | None, config: HistoryConfig) -> Task
 
 
 def family_task_data(family: Family, history_length: int) -> TaskData:
-    return _family_task_data(family, resolve_data_dir(family), history_length)
+    return _family_task_data(family, resolve_data_dir(family), data_settings()[1], history_length)
 
 
-def _family_task_data(family: Family, data_dir: str | None, history_length: int) -> TaskData:
+def _family_task_data(
+    family: Family, data_dir: str | None, lenient: bool, history_length: int
+) -> TaskData:
     config = HistoryConfig(
         max_history_length=history_length, min_interactions=family.min_interactions
     )
-    return task_data(family.name, data_dir, config)
+    return task_data(family.name, data_dir, config, lenient)
 
 
 @functools.lru_cache(maxsize=32)
 def _examples(
-    family: Family, data_dir: str | None, history_length: int, task: str, form: str, split: str
+    family: Family,
+    data_dir: str | None,
+    lenient: bool,
+    history_length: int,
+    task: str,
+    form: str,
+    split: str,
 ):
-    data = _family_task_data(family, data_dir, history_length)
+    data = _family_task_data(family, data_dir, lenient, history_length)
     return F.task_examples(
         data.histories,
         split,
@@ -147,7 +171,8 @@ def _examples(
 
 def examples(family: Family, history_length: int, task: str, form: str, split: str):
     """The numpy examples of one task split (cached; used by sources, tests and eval)."""
-    return _examples(family, resolve_data_dir(family), history_length, task, form, split)
+    lenient = data_settings()[1]
+    return _examples(family, resolve_data_dir(family), lenient, history_length, task, form, split)
 
 
 def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Callable:

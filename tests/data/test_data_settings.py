@@ -1,0 +1,37 @@
+"""The data folder and strict/lenient reading are gin settings that reach every task and are
+recorded in the operative config (so a rerun from ``config.gin`` reads the same data)."""
+
+from __future__ import annotations
+
+import gin
+import pytest
+from datagen import ml_csv
+
+import tasks.movielens  # noqa: F401 - registers the family
+from tasks import common
+from user_llm.data.tables import DataError
+
+
+def _rows(n_users: int = 8, per_user: int = 12) -> list[str]:
+    return [f"{u},{10 * (1 + i % 3)},4.0,{1000 + i}" for u in range(1, n_users + 1)
+            for i in range(per_user)]  # fmt: skip
+
+
+def test_gin_data_dir_and_lenient_reach_the_tasks(tmp_path, monkeypatch):
+    monkeypatch.delenv(tasks.movielens.FAMILY.env_var, raising=False)
+    folder = ml_csv(tmp_path, ratings=[*_rows(), "9,abc,4.0,5"])
+    gin.clear_config()
+    try:
+        gin.parse_config([f"tasks.data_settings.data_dirs = {{'movielens': '{folder}'}}"])
+        assert common.resolve_data_dir(tasks.movielens.FAMILY) == str(folder)
+        with pytest.raises(DataError, match=r"ratings\.csv:\d+: "):
+            common.family_task_data(tasks.movielens.FAMILY, 5)
+        gin.parse_config(["tasks.data_settings.lenient = True"])
+        data = common.family_task_data(tasks.movielens.FAMILY, 5)
+        assert len(data.histories.user_ids) == 8
+        assert "data_settings.lenient = True" in gin.operative_config_str()
+        assert str(folder) in gin.operative_config_str()
+    finally:
+        gin.clear_config()
+    # Without the setting, the default (bundled ml-latest-small, strict) is back.
+    assert common.resolve_data_dir(tasks.movielens.FAMILY) is None
