@@ -97,3 +97,13 @@ def test_a_different_budget_never_reuses_another_budgets_folders(tmp_path):
     assert longer[-2][2] == ex.stages(v, "movielens", tmp_path, ex.Budget(steps=450))[-2][2]
     assert "--gin.TRAIN_STEPS=450" in longer[-2][1]
     assert default[-2][2].parent.parent.name == ex.run_name(v)  # defaults: names unchanged
+
+
+def test_a_rerun_study_keeps_the_hand_written_notes(tmp_path):
+    path = tmp_path / "study.md"
+    ex.write_keeping_notes(path, "# tables v1\n")
+    path.write_text(path.read_text() + "\nWhat the sweep supports: ...\n")
+    ex.write_keeping_notes(path, "# tables v2\n")
+    text = path.read_text()
+    assert text.startswith("# tables v2\n") and "v1" not in text
+    assert text.endswith(ex.NOTES_MARKER + "\n\nWhat the sweep supports: ...\n")

@@ -456,6 +456,31 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
+# A results file keeps everything below this line when its study reruns (the analysis).
+NOTES_MARKER = "<!-- Notes below are written by hand; a rerun of the study keeps them. -->"
+
+
+def write_keeping_notes(path: Path, text: str) -> None:
+    """Writes ``text``, then the marker and whatever followed it in the file already."""
+    old = path.read_text().split(NOTES_MARKER, 1) if path.exists() else []
+    path.write_text(text + "\n" + NOTES_MARKER + (old[1] if len(old) == 2 else "\n"))
+
+
+def commands_section(
+    variants: Sequence[Variant], dataset: str, root: Path, budget: Budget, shown_root: str
+) -> str:
+    """Markdown: each row's own training and evaluation commands, with ``root`` written as
+    ``shown_root`` (the ``--model_dir`` the study was given), so a row can be rerun alone."""
+    lines = ["", f"## Each row's commands (`{shown_root}` is the study's model dir)", ""]
+    for v in variants:
+        own = [s for s in stages(v, dataset, root, budget) if s[0] != "import_llm"][1:]
+        lines.append(f"- **{v.name}**:")
+        for _, args, _ in own:
+            cmd = " ".join(["python", *args]).replace(str(root), shown_root)
+            lines.append(f"  `{cmd}`")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -501,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         + f". This invocation: {time.time() - start:.0f} s (finished stages are skipped).", "",
         report(tables), "", f"![{name}]({name}.png)", "",
     ])  # fmt: skip
-    (out / f"{name}.md").write_text(text)
+    shown_root = f"{args.model_dir.rstrip('/')}/{args.dataset}"
+    text += commands_section(STUDIES[args.study], args.dataset, root, budget, shown_root)
+    write_keeping_notes(out / f"{name}.md", text)
     (out / f"{name}.json").write_text(json.dumps({**tables, "runs": ran}, indent=1))
     print("\n" + text, flush=True)
 
