@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gin
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_module
 
 from user_llm import gin_utils
 from user_llm.gin_utils import GinConfigError
@@ -160,3 +160,18 @@ def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path
         assert gin.query_parameter("%TRAIN_STEPS") == 1500
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize(
+    "module,flag",
+    [
+        ("user_llm.train", "--gin_file"),
+        ("user_llm.evaluate", "--num_examples"),
+        ("user_llm.generate", "--max_decode_length"),
+        ("user_llm.main_job", "--eval_examples"),
+    ],
+)
+def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):
+    proc = run_module(["-m", module, "--help"], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert flag in proc.stdout and "tensor_tracer" not in proc.stdout

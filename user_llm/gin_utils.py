@@ -199,10 +199,29 @@ def parse_and_run(argv: Sequence[str], fn: Callable[..., Any]) -> Any:
     return gin.get_configurable(fn)()
 
 
+def entry_point_help() -> str:
+    """The running entry point's docstring and every flag this project defines (absl's own
+    ``--help`` shows only the main module's flags and exits 1)."""
+    main = sys.modules["__main__"]
+    parts = [(main.__doc__ or "").strip(), ""]
+    for module, module_flags in sorted(FLAGS.flags_by_module_dict().items()):
+        is_main = module in (sys.argv[0], "__main__")
+        if not module_flags or not (is_main or module.startswith(("user_llm.", "tasks."))):
+            continue  # absl's, TensorFlow's and Orbax's own flags
+        shown = "this entry point" if is_main else module
+        parts.append(f"{shown}:")
+        parts.extend(f"  --{f.name}: {f.help} (default: {f.default!r})" for f in module_flags)
+    parts.append("\nGin: --gin_file=FILE (repeatable, composed in order), --gin.NAME=VALUE.")
+    return "\n".join(parts)
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
     sys.argv = rewrite_gin_args(sys.argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
+        print(entry_point_help())
+        sys.exit(0)
 
     def wrapped(argv):
         try:

@@ -96,4 +96,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from user_llm import gin_utils
+
+    gin_utils.run_main(main)
