@@ -175,3 +175,24 @@ def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):
     proc = run_module(["-m", module, "--help"], check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert flag in proc.stdout and "tensor_tracer" not in proc.stdout
+
+
+def test_module_import_registers_your_own_configurables_before_gin(tmp_path):
+    (tmp_path / "my_tasks.py").write_text(
+        "import gin\n\n@gin.configurable\ndef marker(x=0):\n    return x\n"
+    )
+    args = ["-m", "user_llm.train", "--gin_file=experiments/movielens_titles_lm.gin",
+            "--gin_file=local_tiny.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+            "--gin.TRAIN_STEPS=-1", "--gin.marker.x=1"]  # fmt: skip
+    env = {"PYTHONPATH": str(tmp_path)}
+    without = run_module(args, env_extra=env, check=False)
+    assert without.returncode == 2 and "marker" in without.stderr
+    missing = run_module([*args[:2], "--module_import=not_a_module_xyz"], check=False)
+    assert missing.returncode == 2
+    assert "--module_import=not_a_module_xyz: cannot import it" in missing.stderr
+    with_import = run_module([*args[:2], "--module_import=my_tasks", *args[2:]], env_extra=env,
+                             check=False)  # fmt: skip
+    assert "marker" not in with_import.stderr, with_import.stderr[-2000:]
+    # It got as far as the train loop, whose own check stops a negative step count cleanly.
+    assert with_import.returncode == 1
+    assert "ERROR: TRAIN_STEPS must be a whole number >= 0, got -1" in with_import.stderr

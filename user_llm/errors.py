@@ -6,3 +6,7 @@ from __future__ import annotations
 
 class UserLLMError(Exception):
     """A failure stated in terms a user can act on."""
+
+
+class ConfigError(UserLLMError, ValueError):
+    """A configuration value that cannot work, named with the setting to change."""

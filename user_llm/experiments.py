@@ -135,6 +135,7 @@ class Budget:
     # Text-prompt systems read ~37 tokens an item: optionally fewer users (the first N of the
     # same ones); None = eval_examples.
     text_prompt_eval_examples: int | None = None
+    module_imports: tuple[str, ...] = ()  # --module_import of every train / eval stage
 
 
 def task(dataset: str, name: str, form: str, length: int) -> str:
@@ -199,10 +200,11 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     enc_bind = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.encoder_steps, "SEED": budget.seed,
                 "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
                 "MODEL_DIR": str(enc_dir)}  # fmt: skip
+    imports = [f"--module_import={m}" for m in budget.module_imports]
     out: list[tuple[str, list, Path]] = [
         ("import_llm", ["-m", "user_llm.import_checkpoint", "--gguf=packaged",
                         f"--output_dir={llm}"], llm / "config.json"),
-        (enc_name, ["-m", "user_llm.train", *gin_args(enc_files, enc_bind)],
+        (enc_name, ["-m", "user_llm.train", *imports, *gin_args(enc_files, enc_bind)],
          enc_dir / "checkpoints" / str(budget.encoder_steps)),
     ]  # fmt: skip
     steps = v.steps or budget.steps
@@ -219,7 +221,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         n_eval = budget.text_prompt_eval_examples
     eval_tag = "" if v.kind == "encoder" else budget_tag(eval_examples=n_eval)
     eval_json = root / "eval" / f"{slug}{eval_tag}.json"
-    evaluate = ["-m", "user_llm.evaluate", f"--num_examples={n_eval}", "--split=test",
+    evaluate = ["-m", "user_llm.evaluate", *imports, f"--num_examples={n_eval}", "--split=test",
                 f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
         out.append((f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind),
@@ -245,7 +247,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         evaluate.append(f"--batch_size={max(1, 8 * 20 // length)}")
     bindings = {**common, **dict(v.bindings)}
     if v.kind != "tp_frozen":
-        out.append((slug, ["-m", "user_llm.train", *gin_args(files, bindings)],
+        out.append((slug, ["-m", "user_llm.train", *imports, *gin_args(files, bindings)],
                     run_dir / "checkpoints" / str(steps)))  # fmt: skip
     out.append((f"eval_{slug}", [*evaluate, *gin_args(files, bindings),
                                  f"--tasks={','.join(tasks)}"], eval_json))  # fmt: skip
@@ -497,11 +499,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(Budget.controls),
         help="controls evaluated for User-LLM systems (comma-separated)",
     )
+    parser.add_argument(
+        "--module_import",
+        action="append",
+        default=[],
+        help="module each train/eval stage imports first (your own tasks); repeatable",
+    )
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
     parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
     args = parser.parse_args(argv)
     controls = tuple(c for c in args.controls.split(",") if c)
-    budget = Budget(args.encoder_steps, args.steps, args.eval_examples, args.seed, controls)
+    budget = Budget(
+        args.encoder_steps,
+        args.steps,
+        args.eval_examples,
+        args.seed,
+        controls,
+        module_imports=tuple(args.module_import),
+    )
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
     ran = run_variants(STUDIES[args.study], args.dataset, root, budget)

@@ -51,6 +51,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files to compose, in order.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings (also: --gin.NAME=VALUE).")
 flags.DEFINE_list("gin_search_paths", [], "Extra folders to look gin files up in.")
+flags.DEFINE_multi_string(
+    "module_import",
+    [],
+    "Python modules to import before gin is parsed, e.g. your own tasks (T5X's flag); they "
+    "must be importable (PYTHONPATH or an installed package).",
+)
 
 
 class GinConfigError(errors.UserLLMError, ValueError):
@@ -199,6 +205,19 @@ def parse_and_run(argv: Sequence[str], fn: Callable[..., Any]) -> Any:
     return gin.get_configurable(fn)()
 
 
+def import_modules(names: Sequence[str]) -> None:
+    """Imports each ``--module_import`` module (it registers tasks or gin configurables)."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise GinConfigError(
+                f"--module_import={name}: cannot import it ({e}); add its folder to PYTHONPATH"
+            ) from e
+
+
 def entry_point_help() -> str:
     """The running entry point's docstring and every flag this project defines (absl's own
     ``--help`` shows only the main module's flags and exits 1)."""
@@ -225,6 +244,7 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
 
     def wrapped(argv):
         try:
+            import_modules(FLAGS.module_import)
             return main(argv)
         except errors.UserLLMError as e:
             print(f"ERROR: {e}", file=sys.stderr)

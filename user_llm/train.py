@@ -130,6 +130,14 @@ def train(
     """
     from clu import metric_writers  # TensorFlow summaries: kept out of model imports.
 
+    if not isinstance(num_train_steps, int) or num_train_steps < 0:
+        raise errors.ConfigError(
+            f"TRAIN_STEPS must be a whole number >= 0, got {num_train_steps!r}"
+        )
+    batch_size = train_dataset_cfg.batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise errors.ConfigError(f"BATCH_SIZE must be a whole number >= 1, got {batch_size!r}")
+
     model_dir_path = Path(model_dir).expanduser().resolve()  # Orbax needs absolute paths
     model_dir_path.mkdir(parents=True, exist_ok=True)
     _write_config(model_dir_path)
