@@ -50,7 +50,7 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     assert "steps, ~" in out and "examples_per_sec" in out and "gate_tanh/max_abs" in out
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["results"]
-    user_llm = ex.XATTN.name
+    user_llm = ex.MAIN_JOB_XATTN.name
     tp = "TP, frozen SmolLM2 (zero-shot, chat template)"
     user_llm_rows = {user_llm, f"{user_llm}: shuffled user", f"{user_llm}: no user"}
     llm_rows = user_llm_rows | {tp}
@@ -70,6 +70,15 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     assert "Full-catalogue Recall@10" in rows["AR encoder's next-item head"]
     assert set(results["paired"][user_llm]) == {"shuffled user", "no user"}
     assert "gate_tanh/max_abs" in results["diagnostics"][user_llm]
+    # Every evaluated example's target, answer and metrics, real and under each control.
+    records = [
+        json.loads(line)
+        for path in (tmp_path / "movielens" / "eval").glob("user_llm_*.predictions.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(records) == 8, len(records)  # 4 users x (next item, favourite genre)
+    assert {"target", "generated", "metrics", "controls"} <= set(records[0])
+    assert set(records[0]["controls"]) == {"shuffled_user", "no_user"}
     text = (tmp_path / "results.md").read_text()
     assert "| Popularity (all test users) |" in text and "Paired differences" in text
     assert list((tmp_path / "summaries" / "results").glob("events.out.tfevents.*"))

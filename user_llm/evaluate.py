@@ -57,7 +57,12 @@ flags.DEFINE_string("split", "test", "Split to evaluate.")
 flags.DEFINE_integer("num_examples", 0, "First N examples of the split (0: all).")
 flags.DEFINE_integer("batch_size", 8, "Examples per model call.")
 flags.DEFINE_string("checkpoint_dir", "", "Parameters to evaluate (default: MODEL_DIR).")
-flags.DEFINE_string("output", "", "Write the metrics as JSON here.")
+flags.DEFINE_string(
+    "output",
+    "",
+    "Write the metrics as JSON here, and every example's target, answer and metrics (real and "
+    "per control) beside it as <name>.predictions.jsonl.",
+)
 flags.DEFINE_enum(
     "candidates",
     "popularity",
@@ -353,6 +358,14 @@ def _run_llm(scorer: _LLMScorer, examples, batch_size: int, log, label: str):
     return _concat(per_batch), samples
 
 
+def _predictions(samples: list[dict], per_example: Mapping[str, np.ndarray]) -> list[dict]:
+    """One record per example: target, generated answer and every metric of that example."""
+    return [
+        {"index": i, **s, "metrics": {k: float(v[i]) for k, v in per_example.items()}}
+        for i, s in enumerate(samples)
+    ]
+
+
 def evaluate_task(
     model: Any,
     params: Any,
@@ -390,6 +403,7 @@ def evaluate_task(
         vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
         scorer = _LLMScorer(model, params, task, feature_lengths["targets"], vocab)
         real, samples = _run_llm(scorer, examples, batch_size, log, task)
+        predictions = _predictions(samples, real)
         if info.task == "next_item":
             popularity = common.item_popularity(task)
             index = examples["candidate_item_index"]
@@ -405,13 +419,16 @@ def evaluate_task(
         result["samples"] = samples[:5]
         result["controls"] = {}
         for control in controls if reads_user else ():
-            per, _ = _run_llm(
+            per, control_samples = _run_llm(
                 scorer, with_control(examples, control), batch_size, log, f"{task} ({control})"
             )
+            for p, c in zip(predictions, _predictions(control_samples, per), strict=True):
+                p.setdefault("controls", {})[control] = {k: c[k] for k in ("generated", "metrics")}
             result["controls"][control] = {
                 **summarize(per),
                 "paired_diff": paired_differences(real, per),
             }
+        result["predictions"] = predictions  # written to a .jsonl by main, not the JSON
         first, _ = next(batches(examples, batch_size))
         result["diagnostics"] = {
             k: float(v) for k, v in jax.device_get(scorer.diagnostics(params, first)).items()
@@ -517,11 +534,17 @@ def main(argv: Sequence[str]) -> None:
             candidates=FLAGS.candidates,
             controls=FLAGS.controls,
         )
-        brief = {k: v for k, v in results["tasks"][task].items() if k not in ("samples", "rules")}
+        skip = ("samples", "rules", "predictions")
+        brief = {k: v for k, v in results["tasks"][task].items() if k not in skip}
         print(json.dumps({task: brief}))
     if FLAGS.output:
-        Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.output).write_text(json.dumps(results, indent=1))
+        output = Path(FLAGS.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output.with_suffix(".predictions.jsonl"), "w") as f:
+            for task, result in results["tasks"].items():
+                for record in result.pop("predictions", []):
+                    f.write(json.dumps({"task": task, **record}) + "\n")
+        output.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,7 @@ DATASET = "movielens"
 
 def variants(history_length: int, with_tp_lora: bool) -> list[ex.Variant]:
     systems = [
-        # results/main_job.md was measured with the sweep's Enc recipe; the Proj recipe
-        # (ex.XATTN, encoder frozen) replaces it when the main job's table is next rerun.
-        ex.Variant("User-LLM, cross-attention (Enc, recipe)", bindings=ex.ENC_RECIPE),
+        ex.MAIN_JOB_XATTN,
         ex.Variant(
             "TP, frozen SmolLM2 (zero-shot, chat template)", kind="tp_frozen", form="tpchat"
         ),
