@@ -26,6 +26,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from user_llm import errors
 from user_llm.data import features as F
 from user_llm.data import readers
 from user_llm.data.histories import Histories, HistoryConfig, build_histories
@@ -55,6 +56,10 @@ class Family:
 
     def task_label(self, task: str) -> str:
         return self.favorite_name if task == "favorite_genre" else task
+
+
+class EmptyTaskError(errors.UserLLMError, ValueError):
+    """A task split without a single example; the message names the task and why."""
 
 
 class MissingDataError(FileNotFoundError):
@@ -179,6 +184,15 @@ def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Ca
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # one in-memory "file"; the task's shuffle buffer shuffles
         ex = examples(family, history_length, task, form, split)
+        if not len(next(iter(ex.values()))):
+            raise EmptyTaskError(
+                f"{task_name(family.name, family.task_label(task), form, history_length)}: no "
+                f"{split} examples in {resolve_data_dir(family) or 'the bundled data'}. A user "
+                f"needs at least {family.min_interactions} usable interactions (a known item; "
+                "for next-item tasks a target with a title, for favourite-category tasks items "
+                "with categories: Amazon reads both from meta_<Category> files beside the "
+                "reviews)."
+            )
         return tf.data.Dataset.from_tensor_slices(
             {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in ex.items()}
         )

@@ -35,3 +35,27 @@ def test_gin_data_dir_and_lenient_reach_the_tasks(tmp_path, monkeypatch):
         gin.clear_config()
     # Without the setting, the default (bundled ml-latest-small, strict) is back.
     assert common.resolve_data_dir(tasks.movielens.FAMILY) is None
+
+
+def test_a_task_without_examples_names_the_task_split_and_reason(tmp_path):
+    """Amazon reviews without their meta_<Category> file: items have no titles, so the
+    next-item task is empty; that is one clear error, not a TensorFlow type error."""
+    import json
+
+    from datagen import write_lines
+    from test_data_reviews import review23
+
+    import tasks.amazon_reviews as amazon
+
+    rows = [review23(f"u{u}", f"B{i}", 1000 + 10 * i + u) for u in range(6) for i in range(8)]
+    write_lines(tmp_path / "Books.jsonl", [json.dumps(r) for r in rows])
+    gin.clear_config()
+    try:
+        gin.parse_config([f"tasks.data_settings.data_dirs = {{'amazon_reviews': '{tmp_path}'}}"])
+        dataset_fn = common._dataset_fn(amazon.FAMILY, 5, "next_item", "userllm")
+        with pytest.raises(common.EmptyTaskError, match=r"next_item_userllm_h5: no test examples"):
+            dataset_fn("test", False)
+        # Review generation needs no metadata: it has examples.
+        assert len(common.examples(amazon.FAMILY, 5, "review_gen", "userllm", "test")["targets"])
+    finally:
+        gin.clear_config()
