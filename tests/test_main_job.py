@@ -50,7 +50,7 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     assert "steps, ~" in out and "examples_per_sec" in out and "gate_tanh/max_abs" in out
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["results"]
-    user_llm = ex.MAIN_JOB_XATTN.name
+    user_llm = ex.XATTN.name
     tp = "TP, frozen SmolLM2 (zero-shot, chat template)"
     user_llm_rows = {user_llm, f"{user_llm}: shuffled user", f"{user_llm}: no user"}
     llm_rows = user_llm_rows | {tp}

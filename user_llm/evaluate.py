@@ -403,7 +403,6 @@ def evaluate_task(
         vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
         scorer = _LLMScorer(model, params, task, feature_lengths["targets"], vocab)
         real, samples = _run_llm(scorer, examples, batch_size, log, task)
-        predictions = _predictions(samples, real)
         if info.task == "next_item":
             popularity = common.item_popularity(task)
             index = examples["candidate_item_index"]
@@ -417,6 +416,8 @@ def evaluate_task(
             )
         result.update(summarize(real))
         result["samples"] = samples[:5]
+        # Per example, with popularity's ranks on the same candidates for paired comparisons.
+        predictions = _predictions(samples, real)
         result["controls"] = {}
         for control in controls if reads_user else ():
             per, control_samples = _run_llm(

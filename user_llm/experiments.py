@@ -68,9 +68,6 @@ ENC_RECIPE = RESCALED + (("USE_PERCEIVER", False),)
 # Freezing the phase-1 encoder keeps what it knows while the fresh integration is noisy.
 RECIPE = ENC_RECIPE + (("STRATEGY", "proj"),)
 XATTN = Variant("User-LLM, cross-attention (Proj, recipe)", bindings=RECIPE)
-# results/main_job.md was measured with the sweep's Enc recipe; the main job moves to XATTN
-# (Proj) when its table is next rerun.
-MAIN_JOB_XATTN = Variant("User-LLM, cross-attention (Enc, recipe)", bindings=ENC_RECIPE)
 RECIPE_SWEEP = [  # in the order they were run
     Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
     Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),

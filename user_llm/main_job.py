@@ -9,11 +9,11 @@ resumes where it stopped):
 1. ``smollm2/``: import the packaged SmolLM2-135M-Instruct GGUF (``user_llm.import_checkpoint``).
 2. ``encoder_ar_h50/``: phase 1, the AR user encoder pretrained on next-movie prediction
    (``experiments/movielens_encoder_pretrain.gin``).
-3. ``user_llm_.../``: phase 2, User-LLM with the LLM frozen (Enc strategy): gated
-   cross-attention in every 6th layer over the encoder's 50 output vectors, each block's output
-   scaled to the residual stream's RMS, the integration at 10x the encoder's learning rate,
-   trained on next movie + favorite genre: the recipe of ``results/phase2_recipe.md``
-   (``experiments.ENC_RECIPE``).
+3. ``user_llm_.../``: phase 2, User-LLM with the LLM and the phase-1 encoder frozen (Proj
+   strategy): gated cross-attention in every 6th layer over the encoder's 50 output vectors,
+   each block's output scaled to the residual stream's RMS, the integration at 10x the base
+   learning rate, trained on next movie + favorite genre: the recipe of
+   ``results/phase2_recipe.md`` (``experiments.RECIPE``).
 4. ``eval/``: User-LLM on the first ``--eval_examples`` test users, with its shuffled-user and
    no-user controls (paired intervals); the frozen SmolLM2 reading the history as text in its
    chat template (TP, zero-shot) on the same users; the encoder's own next-item head and the
@@ -57,7 +57,7 @@ DATASET = "movielens"
 
 def variants(history_length: int, with_tp_lora: bool) -> list[ex.Variant]:
     systems = [
-        ex.MAIN_JOB_XATTN,
+        ex.XATTN,
         ex.Variant(
             "TP, frozen SmolLM2 (zero-shot, chat template)", kind="tp_frozen", form="tpchat"
         ),
