@@ -205,3 +205,26 @@ def test_structure_mismatch_names_parameters_and_shapes():
     wanted = _abstract(_state(1))
     wanted["opt_state"] = wanted["opt_state"][:1]
     assert "optimizer state differs" in checkpoints.structure_mismatch(saved, wanted)
+
+
+def test_a_symlinked_bad_step_is_moved_aside_without_writing_through_the_link(tmp_path):
+    """A step that is a link to storage elsewhere: quarantining it moves the link and the
+    manifest into MODEL_DIR/checkpoints_corrupt; nothing is written where the link points."""
+    model_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    ckpt = checkpoints.Checkpointer(model_dir, keep=3, async_save=False)
+    ckpt.save(1, _state(1))
+    ckpt.save(2, _state(2))
+    ckpt.close()
+    step = model_dir / "checkpoints" / "2"
+    step.rename(elsewhere)
+    step.symlink_to(elsewhere, target_is_directory=True)
+    for p in elsewhere.rglob("*"):
+        if p.is_file():
+            p.write_bytes(b"garbage")
+    before = sorted(p.name for p in elsewhere.rglob("*"))
+    restored, got = checkpoints.Checkpointer(model_dir).restore_latest(_abstract(_state(1)))
+    assert got == 1 and _equal(restored, _state(1))
+    moved = list((model_dir / checkpoints.CORRUPT_DIR).iterdir())
+    assert len(moved) == 1 and (moved[0] / "step_link").is_symlink()
+    assert (moved[0] / "user_llm_manifest.json").is_file()
+    assert sorted(p.name for p in elsewhere.rglob("*")) == before  # nothing written there
