@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from user_llm import checkpoints, decoding
+from user_llm import checkpoints, decoding, errors
 from user_llm.convert.common import config_from_dict, load_config
 from user_llm.decoder import Decoder, DecoderConfig, init_cache
 
@@ -147,10 +147,24 @@ def generate_ids(
     return out
 
 
+def check_request(prompts: Sequence[str], max_decode_length: int) -> None:
+    """Refuses, before any model is loaded, what cannot give an answer."""
+    if max_decode_length < 1:
+        raise errors.ConfigError(f"--max_decode_length must be >= 1, got {max_decode_length}")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise errors.ConfigError(f"--prompt number {i + 1} is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.ConfigError(f"--prompt number {i + 1} is not valid UTF-8") from None
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
     if not FLAGS.checkpoint or not FLAGS.prompt:
         raise app.UsageError("need --checkpoint and at least one --prompt")
+    check_request(FLAGS.prompt, FLAGS.max_decode_length)
     t0 = time.time()
     cfg, params, tokenizer = load_model(FLAGS.checkpoint, FLAGS.config)
     if tokenizer is None:
@@ -166,6 +180,13 @@ def main(argv: Sequence[str]) -> None:
     prompt_ids = [
         ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(t) for t in texts
     ]
+    context = load_config(FLAGS.config or FLAGS.checkpoint).get("context_length")
+    longest = max(len(p) for p in prompt_ids)
+    if context and longest + FLAGS.max_decode_length > context:
+        raise errors.ConfigError(
+            f"a prompt of {longest} tokens plus --max_decode_length={FLAGS.max_decode_length} "
+            f"exceeds the model's context of {context} tokens; shorten one of them"
+        )
     outputs = generate_ids(
         cfg,
         params,

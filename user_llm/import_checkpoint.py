@@ -52,6 +52,7 @@ def import_checkpoint(
         cfg, params, metadata = gguf_lib.load_gguf(path, dtype=dtype, **overrides)
         arch = metadata["general.architecture"]
         source = {"gguf": str(path.resolve()), "name": metadata.get("general.name")}
+        context_length = metadata.get(f"{arch}.context_length")
         try:
             tokenizer = BPETokenizer.from_gguf_metadata(metadata)
         except TokenizerError as e:
@@ -63,12 +64,19 @@ def import_checkpoint(
         cfg, params, hf = st_lib.load_hf_dir(hf_dir, dtype=dtype, **overrides)
         arch = hf.get("model_type", "unknown")
         source = {"hf_dir": str(Path(hf_dir).resolve())}
+        context_length = hf.get("max_position_embeddings")
         try:
             tokenizer = BPETokenizer.from_hf_dir(hf_dir)
         except TokenizerError as e:
             logging.warning("Imported the weights without a tokenizer: %s", e)
     out = save_imported(
-        output_dir, cfg, params, tokenizer=tokenizer, architecture=arch, source=source
+        output_dir,
+        cfg,
+        params,
+        tokenizer=tokenizer,
+        architecture=arch,
+        source=source,
+        context_length=context_length if isinstance(context_length, int) else None,
     )
     n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
     logging.info("Wrote %s: %s, %.1fM parameters", out, arch, n / 1e6)

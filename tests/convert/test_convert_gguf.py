@@ -171,6 +171,18 @@ def test_import_and_generate_clis_on_tiny_gguf(tmp_path):
     )
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
+    # Requests that cannot give an answer are one clear line, before or after loading.
+    generate = ["-m", "user_llm.generate", f"--checkpoint={out}"]
+    for args, message in [
+        (["--prompt=the cat", "--max_decode_length=0"], "--max_decode_length must be >= 1"),
+        (["--prompt=   "], "--prompt number 1 is empty"),
+    ]:
+        proc = run_module([*generate, *args], check=False)
+        assert proc.returncode == 1 and f"ERROR: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert config["context_length"] == 256  # the GGUF's llama.context_length
+    proc = run_module([*generate, "--prompt=the cat", "--max_decode_length=256"], check=False)
+    assert proc.returncode == 1 and "exceeds the model's context of 256" in proc.stderr
+
 
 def test_generate_ids_matches_full_forward_greedy(tmp_path):
     from user_llm import generate

@@ -223,6 +223,7 @@ def save_imported(
     tokenizer: Any | None,
     architecture: str,
     source: Mapping[str, Any],
+    context_length: int | None = None,
 ) -> Path:
     """Writes params as an Orbax checkpoint (step 0) plus ``config.json`` / ``tokenizer.json``.
 
@@ -245,6 +246,7 @@ def save_imported(
         "decoder_config": config_to_dict(cfg),
         "tokenizer": tok_spec,
         "source": dict(source),
+        "context_length": None if context_length is None else int(context_length),
     }
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2))
