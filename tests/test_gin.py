@@ -196,3 +196,9 @@ def test_module_import_registers_your_own_configurables_before_gin(tmp_path):
     # It got as far as the train loop, whose own check stops a negative step count cleanly.
     assert with_import.returncode == 1
     assert "ERROR: TRAIN_STEPS must be a whole number >= 0, got -1" in with_import.stderr
+
+
+def test_no_gin_file_is_one_clear_line():
+    proc = run_module(["-m", "user_llm.train"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ERROR: no --gin_file" in proc.stderr

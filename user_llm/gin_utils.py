@@ -201,6 +201,11 @@ def parse_and_run(argv: Sequence[str], fn: Callable[..., Any]) -> Any:
     """Parses the gin flags and calls the gin-configured ``fn``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.gin_file:
+        raise GinConfigError(
+            "no --gin_file: name an experiment, e.g. "
+            "--gin_file=experiments/movielens_titles_lm.gin (see gin/experiments/)"
+        )
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     return gin.get_configurable(fn)()
 
