@@ -217,3 +217,14 @@ def test_corrupt_gz_names_the_file_in_strict_and_lenient_mode(tmp_path, damage):
     for lenient in (False, True):
         with pytest.raises(DataError, match=r"Books\.jsonl\.gz(:\d+)?: corrupt or truncated"):
             read_amazon(path, lenient=lenient)
+
+
+def test_a_timestamp_beyond_int64_in_json_names_its_line_and_is_skipped_leniently(tmp_path):
+    huge = review23("u3", "B3", 1000)
+    huge["timestamp"] = 10**23
+    path = _amazon_file(tmp_path, json.dumps(huge))
+    with pytest.raises(DataError, match=r"Books\.jsonl:2: field 'timestamp' has the wrong type"):
+        read_amazon(path)
+    inter, _, report = read_amazon(path, lenient=True)
+    assert inter["user_id"].tolist() == ["u1", "u2"]
+    assert report.rows_skipped == {"mistyped_field": 1}

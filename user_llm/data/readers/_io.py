@@ -108,8 +108,10 @@ def _type_ok(value, typ: pa.DataType) -> bool:
         return True
     if pa.types.is_floating(typ):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if pa.types.is_integer(typ):
-        return isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_integer(typ):  # within the column's range: no overflow later
+        info = np.iinfo(typ.to_pandas_dtype())
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok and info.min <= value <= info.max
     if pa.types.is_string(typ):
         return isinstance(value, str)
     if pa.types.is_list(typ):
@@ -138,7 +140,9 @@ def _slow_json_lines(
         if reason is None:
             for field in schema:
                 if not _type_ok(obj.get(field.name), field.type):
-                    reason = f"field {field.name!r} has the wrong type: {obj.get(field.name)!r}"
+                    shown = repr(obj.get(field.name))
+                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                    reason = f"field {field.name!r} has the wrong type or range: {shown}"
                     break
         if reason is not None:
             if not lenient:
