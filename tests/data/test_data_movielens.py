@@ -194,3 +194,15 @@ def test_zip_member_expanding_implausibly_is_refused(tmp_path):
         z.writestr("ml-tiny/ratings.csv", b"userId,movieId,rating,timestamp\n" + b"0" * (80 << 20))
     with pytest.raises(DataError, match=r"bomb\.zip/ml-tiny/ratings\.csv: expands to"):
         read_movielens(archive)
+
+
+def test_invalid_utf8_in_u_data_names_the_line_or_is_skipped(tmp_path):
+    folder = ml_100k(tmp_path)
+    path = folder / "u.data"
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"2\t10\t4\t88\xff1250950"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"u\.data:2: invalid UTF-8"):
+        read_movielens(folder)
+    inter, _, report = read_movielens(folder, lenient=True)
+    assert report.rows_skipped == {"invalid_utf8": 1} and len(inter) == 2

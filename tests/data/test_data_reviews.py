@@ -228,3 +228,13 @@ def test_a_timestamp_beyond_int64_in_json_names_its_line_and_is_skipped_lenientl
     inter, _, report = read_amazon(path, lenient=True)
     assert inter["user_id"].tolist() == ["u1", "u2"]
     assert report.rows_skipped == {"mistyped_field": 1}
+
+
+def test_a_bad_first_line_stops_a_strict_read_and_is_skipped_leniently(tmp_path):
+    good = [json.dumps(review23(u, b, t)) for u, b, t in (("u1", "B1", 1000), ("u2", "B2", 2000))]
+    path = write_lines(tmp_path / "Books.jsonl", ['{"rating": 5.0, "user_id"', *good])
+    with pytest.raises(DataError, match=r"Books\.jsonl:1: malformed JSON"):
+        read_amazon(path)
+    inter, _, report = read_amazon(path, lenient=True)
+    assert inter["user_id"].tolist() == ["u1", "u2"]
+    assert report.rows_skipped == {"malformed_json": 1}

@@ -77,8 +77,9 @@ def discover(
     return reviews, metas
 
 
-def first_record_keys(path: Path) -> set[str]:
-    """Keys of the first JSON object in a file (to tell release formats apart)."""
+def first_record_keys(path: Path, lenient: bool = False) -> set[str]:
+    """Keys of the first JSON object in a file (to tell release formats apart). A bad line
+    before it stops a strict read; a lenient one looks past it (the parse counts it)."""
     import json
 
     with open_binary(path) as f:
@@ -95,10 +96,13 @@ def first_record_keys(path: Path) -> set[str]:
                 try:
                     obj = json.loads(raw)
                 except ValueError as e:
+                    if lenient:
+                        continue
                     raise DataError(str(path), i, f"malformed JSON ({e})") from None
-                if not isinstance(obj, dict):
+                if isinstance(obj, dict):
+                    return set(obj)
+                if not lenient:
                     raise DataError(str(path), i, "a JSON line that is not an object")
-                return set(obj)
     return set()
 
 

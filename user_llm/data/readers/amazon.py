@@ -89,7 +89,7 @@ def read_amazon(
     report = ParseReport()
     frames, item_frames, users_seen, releases = [], [], set(), set()
     for group, path in reviews.items():
-        keys = first_record_keys(path)
+        keys = first_record_keys(path, lenient)
         release = "2018" if "reviewerID" in keys else "2023"
         releases.add(release)
         report.files.append(str(path))
@@ -116,7 +116,7 @@ def read_amazon(
 
 
 def _read_meta(path: Path, report: ParseReport, lenient: bool) -> pd.DataFrame:
-    keys = first_record_keys(path)
+    keys = first_record_keys(path, lenient)
     report.files.append(str(path))
     if "parent_asin" in keys:
         table = read_json_lines(path, META_2023, report, lenient)

@@ -88,8 +88,9 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
     display = source.display(name)
     data = source.read(name)
     skipped_before = report.num_skipped
+    # Ratings are ASCII in every release: a line with invalid UTF-8 is a bad line.
+    data = strip_bad_utf8(data, display, 1, report, lenient)
     if variant == "csv":
-        data = strip_bad_utf8(data, display, 1, report, lenient)
         table = read_delimited(
             data, display, list(_RATING_TYPES), _RATING_TYPES, report, lenient, header=True
         )
