@@ -117,3 +117,13 @@ def test_seqio_vocabulary(gguf_path, tok):
 
     clone = pickle.loads(pickle.dumps(vocab))
     assert clone == vocab and clone.encode(text) == ids
+
+
+@pytest.mark.parametrize("text,message", [("{bad", "invalid JSON"), ("[1]", "not a JSON object")])
+def test_malformed_tokenizer_config_is_a_tokenizer_error(tmp_path, text, message):
+    from user_llm.vocabularies import BPETokenizer, TokenizerError
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(TokenizerError, match=f"tokenizer_config.json: {message}"):
+        BPETokenizer.from_hf_dir(tmp_path)

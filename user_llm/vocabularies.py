@@ -236,7 +236,12 @@ class BPETokenizer:
         if not path.exists():
             raise TokenizerError(f"{directory} has no {TOKENIZER_FILE}")
         cfg_path = directory / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{cfg_path}: invalid JSON ({e})") from e
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path}: not a JSON object")
         return cls.from_tokenizer_json(path, cfg)
 
     # -- saving and loading with an imported checkpoint ----------------------------------

@@ -116,3 +116,43 @@ def test_bad_inputs(tmp_path):
 
     with pytest.raises(ConversionError, match="no config.json"):
         st_lib.load_hf_dir(tmp_path)
+
+
+def _raw_safetensors(path, header, payload=b""):
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + payload)
+
+
+def test_crafted_safetensors_and_configs_are_refused(tmp_path):
+    """Issue "Nothing good is ever lost", item 9 and its risks: each crafted input is one
+    clear error naming the file, never a cast, a wrap-around or a read outside the folder."""
+    f = tmp_path / "x.safetensors"
+    huge = 1 << 40  # 2^40 * 2^40 elements * 4 bytes wraps int64 to 0 with np.prod
+    _raw_safetensors(f, {"w": {"dtype": "F32", "shape": [huge, huge, 16], "data_offsets": [0, 0]}})
+    with pytest.raises(CorruptFileError, match="offsets do not match its shape"):
+        st_lib.SafetensorsFile(f)
+    two = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+           "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}  # fmt: skip
+    _raw_safetensors(f, two, bytes(24))
+    with pytest.raises(CorruptFileError, match="tensors a and b overlap"):
+        st_lib.SafetensorsFile(f)
+    _raw_safetensors(f, {"w": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(CorruptFileError, match="stored as int32, not floats"):
+        st_lib.SafetensorsFile(f).load("w")
+
+    cfg, weights = dict(TINY_HF_CONFIG), random_weights(dict(TINY_HF_CONFIG))
+    d = tmp_path / "m"
+    write_hf_dir(d, cfg, weights)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(CorruptFileError, match="config.json is not a JSON object"):
+        st_lib.load_hf_dir(d)
+    (d / "config.json").write_text(json.dumps(dict(cfg, rope_scaling="linear")))
+    with pytest.raises(CorruptFileError, match="rope_scaling must be an object"):
+        st_lib.load_hf_dir(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes((d / "model.safetensors").read_bytes())
+    index = {"weight_map": {"model.embed_tokens.weight": "../secret.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptFileError, match="is not a file inside"):
+        st_lib.load_hf_dir(d)

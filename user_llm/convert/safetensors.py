@@ -12,6 +12,7 @@ Weights are memory-mapped and converted to float32 one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,16 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in e["data_offsets"])
             except (KeyError, TypeError, ValueError) as err:
                 raise CorruptFileError(f"{self.path}: bad header entry for {name}: {e!r}") from err
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            count = math.prod(shape)  # exact: a crafted shape cannot wrap around int64
             if any(d < 0 for d in shape) or end - begin != count * dtype.itemsize or begin < 0:
                 raise CorruptFileError(f"{self.path}: {name} offsets do not match its shape")
             if base + end > size:
                 raise CorruptFileError(f"{self.path}: {name} lies beyond the end of the file")
             self._entries[name] = (dtype, shape, base + begin, base + end)
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self._entries.items() if e > b)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise CorruptFileError(f"{self.path}: tensors {first} and {second} overlap")
 
     @property
     def names(self) -> list[str]:
@@ -93,7 +98,10 @@ class SafetensorsFile:
         return self._entries[name][1]
 
     def load(self, name: str) -> np.ndarray:
+        """A weight as float32; a weight stored as integers or booleans is refused, not cast."""
         dtype, shape, begin, end = self._entries[name]
+        if dtype.kind != "f" and dtype.name != "bfloat16":
+            raise CorruptFileError(f"{self.path}: weight {name} is stored as {dtype}, not floats")
         return self._data[begin:end].view(dtype).reshape(shape).astype(np.float32)
 
 
@@ -105,6 +113,10 @@ def _tensor_files(directory: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CorruptFileError(f"{index}: not a valid safetensors index: {e}") from e
         files = sorted(set(weight_map.values()))
+        inside = directory.resolve()
+        for f in files:
+            if not isinstance(f, str) or inside not in (directory / f).resolve().parents:
+                raise CorruptFileError(f"{index}: shard {f!r} is not a file inside {directory}")
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
             raise ConversionError(f"{directory}: shards named in the index are missing: {missing}")
@@ -123,7 +135,11 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Deco
             f"{source}: unsupported architecture {model_type!r} "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if not isinstance(hf, Mapping):
+        raise CorruptFileError(f"{source}: config.json is not a JSON object")
     rope_scaling = hf.get("rope_scaling")
+    if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
+        raise CorruptFileError(f"{source}: rope_scaling must be an object, got {rope_scaling!r}")
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
         raise UnsupportedModelError(f"{source}: rope_scaling {rope_scaling} is not supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -179,6 +195,8 @@ def load_hf_dir(
             if name in where:
                 raise CorruptFileError(f"{directory}: tensor {name} appears in two files")
             where[name] = f
+    if not isinstance(hf, dict):
+        raise CorruptFileError(f"{cfg_path}: config.json is not a JSON object")
     if "lm_head.weight" not in where and not hf.get("tie_word_embeddings", False):
         logging.warning("%s: no lm_head.weight; tying the output to the embeddings", directory)
         config_overrides.setdefault("tie_embeddings", True)
