@@ -5,12 +5,14 @@ type and never a hang."""
 from __future__ import annotations
 
 import functools
+import re
 import struct
 import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_numpy_ref import TINY_HF_CONFIG, random_weights, write_gguf
@@ -92,3 +94,24 @@ def test_mutated_or_truncated_gguf_fails_cleanly(data):
 def test_base_file_parses():
     base, _ = _base()
     _check(base)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    """Two tensors pointing at the same bytes: the second tensor's offset field is set to
+    the first's (a crafted file that parses otherwise)."""
+    data, data_start = _base()
+    path = tmp_path / "base.gguf"
+    path.write_bytes(data)
+    infos = sorted(gguf_lib.GGUFFile(path).tensors.values(), key=lambda t: t.offset)
+    first, second = infos[0], infos[1]
+    name = second.name.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    offset_at = at + 4 + 8 * n_dims + 4
+    assert struct.unpack_from("<Q", data, offset_at)[0] == second.offset - data_start
+    crafted = bytearray(data)
+    struct.pack_into("<Q", crafted, offset_at, first.offset - data_start)
+    path.write_bytes(bytes(crafted))
+    a, b = re.escape(first.name), re.escape(second.name)
+    with pytest.raises(ConversionError, match=f"tensors ({a} and {b}|{b} and {a}) overlap"):
+        gguf_lib.GGUFFile(path)

@@ -185,6 +185,10 @@ class GGUFFile:
         data_start = -(-c.pos // alignment) * alignment
         for name, dims, qtype, rel in infos:
             self.tensors[name] = self._check_tensor(name, dims, qtype, rel, data_start)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise CorruptFileError(f"{self.path}: tensors {first} and {second} overlap")
 
     def _value(self, c: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_DTYPES:
