@@ -81,3 +81,18 @@ def test_stats_cli_reports_bad_data(tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and "review-X.json:1" in proc.stderr
+
+
+def test_every_cached_archive_is_pinned_by_sha256_at_first_use(tmp_path, monkeypatch, capsys):
+    """ml-latest has no published checksum: the first download is pinned, and a file planted
+    or altered later is refused."""
+    payload = b"first download"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(payload))
+    path = download.fetch_movielens("ml-latest", tmp_path)
+    sidecar = tmp_path / "ml-latest.zip.sha256"
+    assert sidecar.read_text().split()[0] == hashlib.sha256(payload).hexdigest()
+    assert "no published checksum" in capsys.readouterr().out
+    assert download.fetch_movielens("ml-latest", tmp_path) == path  # same file: accepted
+    path.write_bytes(b"planted")
+    with pytest.raises(ValueError, match="pinned .* at its first use"):
+        download.fetch_movielens("ml-latest", tmp_path)

@@ -49,11 +49,22 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256sum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: float = 60) -> Path:
     """Path of ``<cache_dir>/<name>.zip``, downloading and verifying it if it is not there yet.
 
     A cached file with the wrong checksum is an error (not silently replaced): it may be a
-    truncated download, and the user should see it.
+    truncated download or a planted file, and the user should see it. Every cached archive
+    gets a SHA-256 sidecar (``<name>.zip.sha256``) at its first use, checked at every later
+    one; for ml-latest, which GroupLens rebuilds and publishes no checksum for, that pin of
+    the first download is the only check, and the first use says so.
     """
     url = movielens_url(name)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -61,6 +72,7 @@ def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: flo
     expected = MOVIELENS_MD5[name]
     if target.exists():
         _verify(target, expected, url)
+        _pin(target, url)
         return target
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".zip.part")
@@ -76,7 +88,33 @@ def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: flo
         ) from e
     _verify(partial, expected, url)
     partial.replace(target)
+    _pin(target, url)
     return target
+
+
+def _pin(path: Path, url: str) -> None:
+    """Checks ``path`` against its SHA-256 sidecar, or writes the sidecar on first use."""
+    sidecar = path.with_name(path.name + ".sha256")
+    got = sha256sum(path)
+    if sidecar.exists():
+        pinned = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+        if got != pinned:
+            raise ValueError(
+                f"{path} has sha256 {got}, but {sidecar} pinned {pinned} at its first use: the "
+                f"file changed since. If that is intended, delete both and fetch {url} again."
+            )
+        return
+    try:
+        sidecar.write_text(f"{got}  {path.name}\n")
+    except OSError as e:  # a read-only cache: still usable, just not pinned
+        print(f"NOTE: could not pin {path} ({e}); its sha256 is {got}", flush=True)
+        return
+    if MOVIELENS_MD5.get(path.stem) is None:
+        print(
+            f"NOTE: {path.name} has no published checksum (GroupLens rebuilds it); pinned its "
+            f"sha256 {got} in {sidecar}, checked at every later use.",
+            flush=True,
+        )
 
 
 def _verify(path: Path, expected: str | None, url: str) -> None:
