@@ -505,7 +505,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="module each train/eval stage imports first (your own tasks); repeatable",
     )
-    parser.add_argument("--results_dir", default=str(REPO_ROOT / "results"))
+    parser.add_argument(
+        "--results_dir",
+        default="",
+        help="where the .md/.json/.png go (default: MODEL_DIR/results; pass results/ to update "
+        "the repository's committed results)",
+    )
     parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
     args = parser.parse_args(argv)
     controls = tuple(c for c in args.controls.split(",") if c)
@@ -522,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ran = run_variants(STUDIES[args.study], args.dataset, root, budget)
     tables = collect(ran, STUDIES[args.study], args.dataset, root)
     name = args.name or f"{args.study}_{args.dataset}"
-    out = Path(args.results_dir)
+    out = Path(args.results_dir or Path(args.model_dir) / "results")
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.study} study, {args.dataset}, SmolLM2-135M"
     plot(tables["rows"], out / f"{name}.png", title)
