@@ -53,18 +53,24 @@ run() {  # prints the command (dry run) or runs it
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE" --project="$PROJECT" --worker=all)
 
+# Values from the environment reach the remote shell quoted (a space or ";" stays data), and
+# the jax version must be a version: the install is pinned (setup.py pins everything else).
+if [[ ! "$JAX_VERSION" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
+  echo "JAX_VERSION must look like 0.10.2, got: $JAX_VERSION" >&2; exit 2
+fi
+RDIR="\$HOME/$(q "$REMOTE_DIR")"
 TARBALL="${TMPDIR:-/tmp}/user_llm_src.tar.gz"
-SETUP="mkdir -p ~/$REMOTE_DIR && tar xzf ~/user_llm_src.tar.gz -C ~/$REMOTE_DIR"
-SETUP+=" && cd ~/$REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate"
+SETUP="mkdir -p $RDIR && tar xzf \$HOME/user_llm_src.tar.gz -C $RDIR"
+SETUP+=" && cd $RDIR && python3 -m venv .venv && . .venv/bin/activate"
 SETUP+=" && pip install -q -e . 'jax[tpu]==$JAX_VERSION'"
 SETUP+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 if [[ -n "$BUCKET" ]]; then
   SETUP+=" && sudo mkdir -p /mnt/gcs && sudo chown \$USER /mnt/gcs"
-  SETUP+=" && (mountpoint -q /mnt/gcs || gcsfuse --implicit-dirs $BUCKET /mnt/gcs)"
+  SETUP+=" && (mountpoint -q /mnt/gcs || gcsfuse --implicit-dirs $(q "$BUCKET") /mnt/gcs)"
 fi
 
 QUOTED_ARGS="$(q "${TRAIN_ARGS[@]}")"
-TRAIN="cd ~/$REMOTE_DIR && . .venv/bin/activate && USER_LLM_DISTRIBUTED=auto"
+TRAIN="cd $RDIR && . .venv/bin/activate && USER_LLM_DISTRIBUTED=auto"
 TRAIN+=" python -m user_llm.train $QUOTED_ARGS"
 
 if [[ "$SKIP_SETUP" != "1" ]]; then

@@ -210,3 +210,20 @@ def test_xmanager_dry_run_needs_no_xmanager():
     assert "USER_LLM_DISTRIBUTED=auto" in lines[0]
     _check_train_command(lines[0])
     assert lines[0][-len(TRAIN_ARGS) :] == TRAIN_ARGS
+
+
+def test_tpu_pod_quotes_environment_values_and_pins_jax():
+    script = str(REPO_ROOT / "launch" / "tpu_pod.sh")
+    env = {"DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "z", "PROJECT": "p",
+           "REMOTE_DIR": "my dir; touch /tmp/pwned", "BUCKET": "b$(id)"}  # fmt: skip
+    lines = _run(["bash", script, "--", *TRAIN_ARGS], **env)
+    setup = [a for a in lines if a[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]][0]
+    remote = setup[-1].removeprefix("--command=")
+    words = shlex.split(remote)  # what the remote shell sees, word by word
+    assert "$HOME/my dir; touch /tmp/pwned" in words
+    assert "b$(id)" in words
+    bad = subprocess.run(
+        ["bash", script, "--skip_setup"], env={**os.environ, **env, "JAX_VERSION": "0.1; rm -rf ~"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "JAX_VERSION must look like" in bad.stderr
