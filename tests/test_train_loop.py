@@ -7,6 +7,7 @@ simulated devices matching one device.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,9 @@ def test_cli_smoke_run_writes_config_summaries_and_checkpoints(tmp_path):
         "20",
     ]
     assert any((tmp_path / "summaries").iterdir())
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report[0]["dataset"] == "movielens" and report[0]["rows_read"] == 100836
+    assert report[0]["rows_skipped"] == {}
     # Rerunning with the same step count resumes and has nothing left to do.
     again = run_module(_train_args(Path("smoke"), 20, 10), cwd=tmp_path.parent)
     assert "Resumed from checkpoint step 20" in again.stdout

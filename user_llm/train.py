@@ -8,6 +8,7 @@ entry point makes it gin-configurable (see ``gin/runs/*.gin`` for the bindings a
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -82,6 +83,15 @@ def _write_config(model_dir: Path) -> None:
             n += 1
         path.replace(model_dir / f"config.{n}.gin")
     path.write_text(text)
+
+
+def _write_data_report(model_dir: Path) -> None:
+    """``data_report.json``: what each dataset read of this run read and dropped (duplicates,
+    bad rows in lenient mode), so no loss of data is silent."""
+    from user_llm.data import readers
+
+    if jax.process_index() == 0 and readers.LOADED:
+        (model_dir / "data_report.json").write_text(json.dumps(readers.LOADED, indent=1))
 
 
 def _log(writer, step: int, metrics: Mapping[str, float], prefix: str) -> None:
@@ -159,6 +169,7 @@ def train(
         train_dataset_cfg, shard_id=jax.process_index(), num_shards=jax.process_count()
     )
     spec = train_ds.element_spec
+    _write_data_report(model_dir_path)
     if train_dataset_cfg.batch_size % accumulation_steps:
         raise ValueError(
             f"batch_size {train_dataset_cfg.batch_size} is not divisible by "

@@ -19,6 +19,10 @@ from user_llm.data.tables import DataError, ParseReport
 
 DATASETS = ("movielens", "amazon_reviews", "google_local")
 
+# What every ``load`` of this process read and dropped, for the run's records
+# (``user_llm.train`` writes it to ``MODEL_DIR/data_report.json``).
+LOADED: list[dict[str, Any]] = []
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -44,11 +48,14 @@ def load(
         cache_dir = kw.pop("cache_dir", None)
         if data_dir is not None and not Path(data_dir).exists() and str(data_dir) in MOVIELENS_MD5:
             data_dir = fetch_movielens(str(data_dir), cache_dir)
-        return read_movielens(data_dir, **kw)
-    if data_dir is None:
+        out = read_movielens(data_dir, **kw)
+    elif data_dir is None:
         raise ValueError(f"{dataset} needs data_dir (a folder of release files or one file)")
-    if dataset == "amazon_reviews":
-        return read_amazon(data_dir, **kw)
-    if dataset == "google_local":
-        return read_google_local(data_dir, **kw)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    elif dataset == "amazon_reviews":
+        out = read_amazon(data_dir, **kw)
+    elif dataset == "google_local":
+        out = read_google_local(data_dir, **kw)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    LOADED.append({"dataset": dataset, "lenient": bool(kw.get("lenient")), **out[2].to_dict()})
+    return out
