@@ -163,6 +163,13 @@ def train(
     )
     batch_sharding = partitioning.data_sharding(device_mesh, rules)
     logging.info("Mesh %s over %d devices", dict(device_mesh.shape), device_mesh.size)
+    data_parallel = device_mesh.shape[mesh.axis_names[0]]
+    if batch_size % (data_parallel * accumulation_steps):
+        raise errors.ConfigError(
+            f"BATCH_SIZE {batch_size} is not divisible by the {data_parallel} data-parallel "
+            f"devices x {accumulation_steps} accumulation steps of mesh "
+            f"{dict(device_mesh.shape)}; choose a multiple of {data_parallel * accumulation_steps}"
+        )
 
     # -- Input pipeline (its element spec gives the model's input shapes) ----------------------
     train_ds = pipeline.get_dataset(
@@ -170,11 +177,6 @@ def train(
     )
     spec = train_ds.element_spec
     _write_data_report(model_dir_path)
-    if train_dataset_cfg.batch_size % accumulation_steps:
-        raise ValueError(
-            f"batch_size {train_dataset_cfg.batch_size} is not divisible by "
-            f"accumulation_steps {accumulation_steps}"
-        )
     micro = train_dataset_cfg.batch_size // accumulation_steps
     input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}
     input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}

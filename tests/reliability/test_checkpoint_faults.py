@@ -228,3 +228,15 @@ def test_a_symlinked_bad_step_is_moved_aside_without_writing_through_the_link(tm
     assert len(moved) == 1 and (moved[0] / "step_link").is_symlink()
     assert (moved[0] / "user_llm_manifest.json").is_file()
     assert sorted(p.name for p in elsewhere.rglob("*")) == before  # nothing written there
+
+
+@pytest.mark.slow
+def test_a_batch_the_mesh_cannot_split_is_one_clear_line(tmp_path):
+    proc = run_module(
+        [*BASE, f"--gin.MODEL_DIR='{tmp_path}'", "--gin.BATCH_SIZE=6",
+         "--gin.train_lib.MeshConfig.mesh_shape=(4, 1)"],
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        check=False,
+    )  # fmt: skip
+    line = _one_error_line(proc)
+    assert "BATCH_SIZE 6 is not divisible by the 4 data-parallel devices" in line, line
