@@ -206,3 +206,10 @@ def test_invalid_utf8_in_u_data_names_the_line_or_is_skipped(tmp_path):
         read_movielens(folder)
     inter, _, report = read_movielens(folder, lenient=True)
     assert report.rows_skipped == {"invalid_utf8": 1} and len(inter) == 2
+
+
+def test_error_messages_cut_a_long_bad_value(tmp_path):
+    folder = ml_csv(tmp_path, ratings=["1,10,4.0,100", "1," + "x" * 5000 + ",4.0,100"])
+    with pytest.raises(DataError, match=r"ratings\.csv:3: field 'item' is not a number") as err:
+        read_movielens(folder)
+    assert len(str(err.value)) < 200

@@ -53,6 +53,12 @@ SOURCE_COLUMN = "_source"
 LINE_COLUMN = "_line"
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error names a bad value, not a page."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and (1-based) line so it can be fixed."""
 

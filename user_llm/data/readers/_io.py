@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 
-from user_llm.data.tables import DataError, ParseReport
+from user_llm.data.tables import DataError, ParseReport, shown
 
 _WHITESPACE = np.array([9, 10, 13, 32], dtype=np.uint8)
 
@@ -140,9 +140,8 @@ def _slow_json_lines(
         if reason is None:
             for field in schema:
                 if not _type_ok(obj.get(field.name), field.type):
-                    shown = repr(obj.get(field.name))
-                    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-                    reason = f"field {field.name!r} has the wrong type or range: {shown}"
+                    value = shown(obj.get(field.name))
+                    reason = f"field {field.name!r} has the wrong type or range: {value}"
                     break
         if reason is not None:
             if not lenient:
@@ -330,7 +329,7 @@ def _slow_delimited(data, name, columns, types, report, lenient, read_opts, pars
         new_bad = bad & ~bad_any
         if new_bad.any() and not lenient:
             i = int(np.flatnonzero(new_bad)[0])
-            raise DataError(name, int(lines[i]), f"field {c!r} is not a number: {text[i]!r}")
+            raise DataError(name, int(lines[i]), f"field {c!r} is not a number: {shown(text[i])}")
         report.skip("mistyped_field", int(new_bad.sum()))
         bad_any |= bad
         out[c] = values

@@ -31,6 +31,7 @@ from user_llm.data.tables import (
     finalize_interactions,
     finalize_items,
     reject_rows,
+    shown,
     source_column,
 )
 
@@ -203,7 +204,7 @@ def _read_100k_genres(source: FileSource) -> list[str]:
             continue
         genre, _, index = line.rpartition("|")
         if not index.strip().isdigit():
-            raise DataError(source.display(name), i, f"expected 'name|index', got {line!r}")
+            raise DataError(source.display(name), i, f"expected 'name|index', got {shown(line)}")
         names[int(index)] = genre
     if sorted(names) != list(range(len(names))):
         raise DataError(source.display(name), None, "genre indices are not 0..n-1")
