@@ -88,7 +88,9 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def measure(name: str, steps: int, dtype: str = "float32", batch_scale: int = 1) -> dict:
+def measure(
+    name: str, steps: int, dtype: str = "float32", batch_scale: int = 1, check_finite: bool = True
+) -> dict:
     kwargs, batch, length = CONFIGS[name]
     batch *= batch_scale
     cfg = DecoderConfig(**kwargs, dtype=dtype)
@@ -107,7 +109,10 @@ def measure(name: str, steps: int, dtype: str = "float32", batch_scale: int = 1)
         "decoder_target_tokens": jnp.roll(tokens, -1, axis=1),
         "decoder_loss_weights": jnp.ones_like(tokens),
     }
-    step = jax.jit(make_train_step(model, tx, schedule, 1, False), donate_argnums=(0,))
+    step = jax.jit(
+        make_train_step(model, tx, schedule, 1, False, check_finite=check_finite),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, data, rng).compile()
     compile_s = time.perf_counter() - t0
@@ -122,7 +127,7 @@ def measure(name: str, steps: int, dtype: str = "float32", batch_scale: int = 1)
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     return {
-        "config": name,
+        "config": name if check_finite else f"{name}, no NaN check",
         "params_millions": n_params / 1e6,
         "batch": batch,
         "length": length,
@@ -143,16 +148,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="activation dtype (params stay f32)")
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak")
     parser.add_argument("--batch_scale", type=int, default=1, help="multiplies the batch sizes")
+    parser.add_argument(
+        "--compare_nan_check",
+        action="store_true",
+        help="also time each config without the per-step finiteness check (its cost)",
+    )
     args = parser.parse_args()
 
     peak = matmul_peak(args.peak_n, dtype=args.dtype)
     rows = []
+    checks = (True, False) if args.compare_nan_check else (True,)
     for name in args.configs.split(","):
-        row = measure(name, args.steps, args.dtype, args.batch_scale)
-        row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / peak
-        row["fraction_of_peak_6nd"] = row["model_gflop_6nd"] * 1e9 / row["step_s_median"] / peak
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for check in checks:
+            row = measure(name, args.steps, args.dtype, args.batch_scale, check)
+            row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / peak
+            row["fraction_of_peak_6nd"] = row["model_gflop_6nd"] * 1e9 / row["step_s_median"] / peak
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}"
@@ -162,7 +174,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/train_throughput.py --configs={args.configs} "
         f"--steps={args.steps} --dtype={args.dtype} --peak_n={args.peak_n} "
-        f"--batch_scale={args.batch_scale}`",
+        f"--batch_scale={args.batch_scale}"
+        + (" --compare_nan_check`" if args.compare_nan_check else "`"),
         f"Machine: {machine}. Measured {args.dtype} matmul peak ({args.peak_n}^3, best of 10): "
         f"{peak / 1e9:.1f} GFLOP/s.",
         "",

@@ -32,6 +32,7 @@ def make_train_step(
     accumulation_steps: int,
     use_dropout: bool,
     strategy: str | strategies.Table = "full",
+    check_finite: bool = True,
 ) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
     """One optimizer update from one global batch, split into ``accumulation_steps`` pieces.
 
@@ -39,6 +40,9 @@ def make_train_step(
     weight once, so accumulation gives the same update as one big batch. Parameters that the
     ``strategy`` freezes pass through the step untouched (``optimizer`` must be built with
     ``strategies.masked_optimizer`` for the same strategy).
+
+    ``check_finite`` adds ``finite`` to the metrics (loss, gradient norm and update norm are
+    finite), which the train loop reads every step; off only to measure its cost.
     """
 
     def grad_terms(params, microbatch, rng):
@@ -77,18 +81,18 @@ def make_train_step(
         )
         trained_grads = [g for g, t in leaves if t]
         grad_norm = optax.global_norm(trained_grads)
-        # Checked by the loop after every step: a non-finite state is never saved.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        finite &= jnp.isfinite(optax.global_norm(jax.tree_util.tree_leaves(updates)))
         out = {
             "loss": loss / denom,
             "cross_entropy": metrics["cross_entropy_sum"] / denom,
             "accuracy": metrics["correct_sum"] / denom,
             "grad_norm": grad_norm,
-            "finite": finite,
             "learning_rate": schedule(state["step"]),
             "num_tokens": weight,
         }
+        if check_finite:  # read by the loop after every step: a non-finite state is never saved
+            update_norm = optax.global_norm(jax.tree_util.tree_leaves(updates))
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+            out["finite"] = finite
         out.update(gate_gradients(grads))
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new_state, out
