@@ -41,16 +41,9 @@ def movielens_url(name: str) -> str:
     return f"{BASE_URL}/{name}.zip"
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256sum(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -95,7 +88,7 @@ def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: flo
 def _pin(path: Path, url: str) -> None:
     """Checks ``path`` against its SHA-256 sidecar, or writes the sidecar on first use."""
     sidecar = path.with_name(path.name + ".sha256")
-    got = sha256sum(path)
+    got = file_digest(path, "sha256")
     if sidecar.exists():
         pinned = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
         if got != pinned:
@@ -120,7 +113,7 @@ def _pin(path: Path, url: str) -> None:
 def _verify(path: Path, expected: str | None, url: str) -> None:
     if expected is None:
         return
-    got = md5sum(path)
+    got = file_digest(path)
     if got != expected:
         raise ValueError(
             f"{path} has md5 {got}, expected {expected}: a partial or altered download. "
