@@ -309,17 +309,25 @@ def train(
 
     last_time, last_step = time.time(), start_step
     metrics = None
-    in_flight: tuple[int, Any] | None = None  # checked one step late: dispatch stays async
+    # Each step is checked once: at once when it is logged, saved or last, else one step late
+    # (while the next step runs), so dispatch stays asynchronous.
+    unchecked: tuple[int, Any] | None = None
     for step in range(start_step, num_train_steps):
         batch = _global_batch(next(train_iter), batch_sharding)
         with nn.logical_axis_rules(rules):
             state, metrics = jit_step(state, batch, step_rng)
         done = step + 1
-        if in_flight is not None:
-            ensure_finite(*in_flight)
-        in_flight = (done, metrics)
-        if log_every_steps and (done % log_every_steps == 0 or done == num_train_steps):
+        if unchecked is not None:
+            ensure_finite(*unchecked)
+        last = done == num_train_steps
+        log_now = log_every_steps and (done % log_every_steps == 0 or last)
+        save_now = save_every_steps and (done % save_every_steps == 0 or last)
+        if log_now or save_now or last:
             ensure_finite(done, metrics)
+            unchecked = None
+        else:
+            unchecked = (done, metrics)
+        if log_now:
             with nn.logical_axis_rules(rules):
                 diagnostics = jit_diagnostics(state["params"], batch)
             metrics = {**jax.device_get(metrics), **jax.device_get(diagnostics)}
@@ -335,13 +343,10 @@ def train(
             if distributed.is_main_process():
                 print(f"  {done}/{num_train_steps} steps, ~{remaining:.0f}s left", flush=True)
             last_time, last_step = time.time(), done
-        if save_every_steps and (done % save_every_steps == 0 or done == num_train_steps):
-            ensure_finite(*in_flight)
+        if save_now:
             ckpt.save(done, state)
         if eval_dataset_cfg is not None and eval_every_steps and done % eval_every_steps == 0:
             run_eval(done)
-    if in_flight is not None:
-        ensure_finite(*in_flight)
     if eval_dataset_cfg is not None and eval_every_steps and num_train_steps % eval_every_steps:
         run_eval(num_train_steps)
     ckpt.close()

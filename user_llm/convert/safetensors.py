@@ -135,8 +135,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Deco
             f"{source}: unsupported architecture {model_type!r} "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    if not isinstance(hf, Mapping):
-        raise CorruptFileError(f"{source}: config.json is not a JSON object")
     rope_scaling = hf.get("rope_scaling")
     if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
         raise CorruptFileError(f"{source}: rope_scaling must be an object, got {rope_scaling!r}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import zipfile
-import zlib
 from pathlib import Path
 
+from user_llm.data.readers._io import DECOMPRESSION_ERRORS, corrupt_file
 from user_llm.data.tables import DataError
 
 # One archive member is read into memory: bound it (the largest MovieLens file, ml-32m's
@@ -55,10 +55,8 @@ class FileSource:
             )
         try:
             return self._zip.read(name)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise DataError(
-                self.display(name), None, f"corrupt archive member ({type(e).__name__}: {e})"
-            ) from None
+        except DECOMPRESSION_ERRORS as e:
+            raise corrupt_file(self.display(name), None, e) from None
 
     def display(self, name: str) -> str:
         """How error messages name a file: ``archive.zip/member`` or the full path."""

@@ -41,13 +41,14 @@ def movielens_url(name: str) -> str:
     return f"{BASE_URL}/{name}.zip"
 
 
-def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.new(algorithm)
+def file_digests(path: Path) -> dict[str, str]:
+    """{"md5": ..., "sha256": ...} hex digests of a file, from one read in 1 MiB blocks."""
+    hashes = {name: hashlib.new(name) for name in ("md5", "sha256")}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: float = 60) -> Path:
@@ -64,8 +65,7 @@ def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: flo
     target = cache / f"{name}.zip"
     expected = MOVIELENS_MD5[name]
     if target.exists():
-        _verify(target, expected, url)
-        _pin(target, url)
+        _check_and_pin(target, expected, url)
         return target
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".zip.part")
@@ -79,18 +79,24 @@ def fetch_movielens(name: str, cache_dir: str | Path | None = None, timeout: flo
             f"{name}.zip from {url} elsewhere and place it at {target} (or pass the extracted "
             f"folder or the .zip as data_dir)."
         ) from e
-    _verify(partial, expected, url)
-    partial.replace(target)
-    _pin(target, url)
+    _check_and_pin(partial, expected, url, pin_as=target)
     return target
 
 
-def _pin(path: Path, url: str) -> None:
-    """Checks ``path`` against its SHA-256 sidecar, or writes the sidecar on first use."""
-    sidecar = path.with_name(path.name + ".sha256")
-    got = file_digest(path, "sha256")
+def _check_and_pin(path: Path, md5: str | None, url: str, pin_as: Path | None = None) -> None:
+    """Checks the file against its published ``md5`` (if any) and its SHA-256 sidecar, or
+    writes the sidecar at first use; ``pin_as`` moves a fresh download into place first."""
+    digests = file_digests(path)
+    if md5 is not None and digests["md5"] != md5:
+        raise ValueError(
+            f"{path} has md5 {digests['md5']}, expected {md5}: a partial or altered download. "
+            f"Delete it and fetch {url} again."
+        )
+    if pin_as is not None:
+        path = path.replace(pin_as)
+    got, sidecar = digests["sha256"], path.with_name(path.name + ".sha256")
     if sidecar.exists():
-        pinned = sidecar.read_text().split()[0] if sidecar.read_text().strip() else ""
+        pinned = (sidecar.read_text().split() or [""])[0]
         if got != pinned:
             raise ValueError(
                 f"{path} has sha256 {got}, but {sidecar} pinned {pinned} at its first use: the "
@@ -107,15 +113,4 @@ def _pin(path: Path, url: str) -> None:
             f"NOTE: {path.name} has no published checksum (GroupLens rebuilds it); pinned its "
             f"sha256 {got} in {sidecar}, checked at every later use.",
             flush=True,
-        )
-
-
-def _verify(path: Path, expected: str | None, url: str) -> None:
-    if expected is None:
-        return
-    got = file_digest(path)
-    if got != expected:
-        raise ValueError(
-            f"{path} has md5 {got}, expected {expected}: a partial or altered download. "
-            f"Delete it and fetch {url} again."
         )
