@@ -116,3 +116,12 @@ def test_a_rerun_study_keeps_the_hand_written_notes(tmp_path):
     text = path.read_text()
     assert text.startswith("# tables v2\n") and "v1" not in text
     assert text.endswith(ex.NOTES_MARKER + "\n\nWhat the sweep supports: ...\n")
+
+
+def test_rows_selects_study_rows_in_order_and_refuses_unknown_ones():
+    study = ex.STUDIES["perceiver"]
+    assert ex.select_rows(study, "") == study
+    assert [v.name for v in ex.select_rows(study, "3,1")] == [study[0].name, study[2].name]
+    for bad in ("0", f"{len(study) + 1}", "x", ","):
+        with pytest.raises(SystemExit, match="--rows"):
+            ex.select_rows(study, bad)

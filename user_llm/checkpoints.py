@@ -12,6 +12,9 @@ Safety rules, because a lost or silently wrong checkpoint costs days:
   previous step is tried.
 - A step written by a *different model or optimizer* (another config) is not corruption: the
   run stops, names the first mismatching parameters and shapes, and moves nothing.
+- A save that cannot be written (disk full, read-only or unwritable directory) stops the run
+  with one line naming the step, the cause and the steps still on disk; the half-written
+  temporary step is removed and nothing finished is touched, so a rerun resumes.
 - If checkpoints exist but none is readable, the run stops with a message instead of silently
   starting from scratch; so does a fresh start in a directory holding quarantined steps,
   unless ``allow_fresh_start`` says so.
@@ -23,6 +26,7 @@ pretrained LLM is loaded into User-LLM with new cross-attention parameters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -50,6 +54,10 @@ class CheckpointError(errors.UserLLMError, RuntimeError):
 
 class ConfigMismatchError(CheckpointError):
     """The checkpoint was written by another model or optimizer configuration."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A step could not be written (disk full, read-only file system, no permission)."""
 
 
 def _key_name(path: tuple[Any, ...]) -> str:
@@ -156,21 +164,59 @@ class Checkpointer:
         """Writes ``step``'s manifest, then starts saving ``state`` (asynchronously if enabled).
 
         The caller guarantees ``state`` is finite (the train loop checks every step)."""
-        self._manager.wait_until_finished()
+        self._wait_for_in_flight()
         manifest = {"format": MANIFEST_FORMAT, "step": step, "arrays": value_manifest(state)}
-        if jax.process_index() == 0:
-            tmp = self.manifest_dir / f"{step}.json.tmp"
-            tmp.write_text(json.dumps(manifest))
-            tmp.replace(self.manifest_dir / f"{step}.json")
         self._in_flight = step
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        try:
+            if jax.process_index() == 0:
+                tmp = self.manifest_dir / f"{step}.json.tmp"
+                tmp.write_text(json.dumps(manifest))
+                tmp.replace(self.manifest_dir / f"{step}.json")
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as e:
+            self._raise_write_failure(e)
+            raise
         self._drop_stale_manifests()
 
     def wait(self) -> None:
         """Blocks until the last save is on disk."""
-        self._manager.wait_until_finished()
-        self._in_flight = None
+        self._wait_for_in_flight()
         self._drop_stale_manifests()
+
+    def _wait_for_in_flight(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._raise_write_failure(e)
+            raise
+        self._in_flight = None
+
+    def _raise_write_failure(self, error: Exception) -> None:
+        """Turns a failed write of the in-flight step into one ``CheckpointWriteError``: the
+        half-written step (Orbax's temporary folder and its manifest) is removed, every
+        finished step is left as it is. Returns if ``error`` is not a write failure."""
+        cause = errors.write_failure_cause(error)
+        if cause is None:
+            return
+        step, self._in_flight = self._in_flight, None
+        if step is not None and jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                if partial.is_dir() and not partial.is_symlink():
+                    shutil.rmtree(partial, ignore_errors=True)
+            (self.manifest_dir / f"{step}.json").unlink(missing_ok=True)
+            (self.manifest_dir / f"{step}.json.tmp").unlink(missing_ok=True)
+        finished = [s for s in self._manager.all_steps(read=True) if s != step]
+        kept = (
+            f"finished steps on disk, untouched: {sorted(finished)}; a rerun resumes from step "
+            f"{max(finished)}"
+            if finished
+            else "no earlier step was saved"
+        )
+        raise CheckpointWriteError(
+            f"could not write checkpoint step {step} in {self.directory}: {cause} "
+            f"({str(error).splitlines()[0][:200]}). The partial step was removed; {kept} once "
+            "the directory is writable again."
+        ) from None
 
     def _drop_stale_manifests(self) -> None:
         if jax.process_index() != 0:
@@ -289,7 +335,12 @@ class Checkpointer:
         return dest
 
     def close(self) -> None:
-        self.wait()
+        try:
+            self.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the first, clear error
+                self._manager.close()
+            raise
         self._manager.close()
 
 

@@ -483,6 +483,22 @@ def commands_section(
     return "\n".join(lines) + "\n"
 
 
+def select_rows(variants: Sequence[Variant], rows: str) -> list[Variant]:
+    """The study's variants numbered in ``rows`` ("1,3", 1-based; "" = all), in study order."""
+    if not rows:
+        return list(variants)
+    try:
+        wanted = {int(r) for r in rows.split(",") if r.strip()}
+    except ValueError:
+        raise SystemExit(f"--rows={rows!r}: give row numbers, e.g. --rows=1,3") from None
+    if not wanted or not wanted <= set(range(1, len(variants) + 1)):
+        raise SystemExit(
+            f"--rows={rows!r}: this study has rows 1-{len(variants)}: "
+            + "; ".join(f"{i} {v.name}" for i, v in enumerate(variants, 1))
+        )
+    return [v for i, v in enumerate(variants, 1) if i in wanted]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -512,7 +528,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "the repository's committed results)",
     )
     parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="run and report only these rows of the study (1-based, comma-separated, e.g. 1,3)",
+    )
     args = parser.parse_args(argv)
+    variants = select_rows(STUDIES[args.study], args.rows)
     controls = tuple(c for c in args.controls.split(",") if c)
     budget = Budget(
         args.encoder_steps,
@@ -524,8 +546,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
-    ran = run_variants(STUDIES[args.study], args.dataset, root, budget)
-    tables = collect(ran, STUDIES[args.study], args.dataset, root)
+    ran = run_variants(variants, args.dataset, root, budget)
+    tables = collect(ran, variants, args.dataset, root)
     name = args.name or f"{args.study}_{args.dataset}"
     out = Path(args.results_dir or Path(args.model_dir) / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -547,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report(tables), "", f"![{name}]({name}.png)", "",
     ])  # fmt: skip
     shown_root = f"{args.model_dir.rstrip('/')}/{args.dataset}"
-    text += commands_section(STUDIES[args.study], args.dataset, root, budget, shown_root)
+    text += commands_section(variants, args.dataset, root, budget, shown_root)
     write_keeping_notes(out / f"{name}.md", text)
     (out / f"{name}.json").write_text(json.dumps({**tables, "runs": ran}, indent=1))
     print("\n" + text, flush=True)

@@ -182,7 +182,13 @@ def main(argv: Sequence[str]) -> None:
     ]
     context = load_config(FLAGS.config or FLAGS.checkpoint).get("context_length")
     longest = max(len(p) for p in prompt_ids)
-    if context and longest + FLAGS.max_decode_length > context:
+    if not context:
+        print(
+            "WARNING: this import records no context length (imported before it was recorded): "
+            "prompts are not checked against the model's context; re-import to record it",
+            file=sys.stderr,
+        )
+    elif longest + FLAGS.max_decode_length > context:
         raise errors.ConfigError(
             f"a prompt of {longest} tokens plus --max_decode_length={FLAGS.max_decode_length} "
             f"exceeds the model's context of {context} tokens; shorten one of them"

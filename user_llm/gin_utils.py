@@ -239,6 +239,13 @@ def entry_point_help() -> str:
     return "\n".join(parts)
 
 
+def _without_gin_context(error: BaseException) -> str:
+    """The error's own message, without the "In call to configurable ..." lines Gin appends
+    when an exception passes through a configurable."""
+    lines = str(error).splitlines()
+    return "\n".join(ln for ln in lines if not ln.strip().startswith("In call to configurable"))
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
     sys.argv = rewrite_gin_args(sys.argv)
@@ -252,7 +259,13 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
             import_modules(FLAGS.module_import)
             return main(argv)
         except errors.UserLLMError as e:
-            print(f"ERROR: {e}", file=sys.stderr)
+            print(f"ERROR: {_without_gin_context(e)}", file=sys.stderr)
             sys.exit(2 if isinstance(e, GinConfigError) else 1)
+        except OSError as e:  # a full, read-only or unwritable disk: one line, no traceback
+            message = errors.write_failure_message(e)
+            if message is None:
+                raise
+            print(f"ERROR: {message}", file=sys.stderr)
+            sys.exit(1)
 
     app.run(wrapped)

@@ -182,6 +182,10 @@ def test_import_and_generate_clis_on_tiny_gguf(tmp_path):
     assert config["context_length"] == 256  # the GGUF's llama.context_length
     proc = run_module([*generate, "--prompt=the cat", "--max_decode_length=256"], check=False)
     assert proc.returncode == 1 and "exceeds the model's context of 256" in proc.stderr
+    # An import made before context lengths were recorded still generates, and says so.
+    (out / "config.json").write_text(json.dumps({**config, "context_length": None}))
+    proc = run_module([*generate, "--prompt=the cat", "--max_decode_length=2"])
+    assert "WARNING: this import records no context length" in proc.stderr
 
 
 def test_generate_ids_matches_full_forward_greedy(tmp_path):
