@@ -315,7 +315,10 @@ class Decoder(nn.Module):
         replaces the token lookup, for soft prompts. In ``decode`` mode the call appends
         ``length`` tokens to the cache (prefill with length > 1, then steps of 1);
         ``input_mask`` marks which of them are real (default: all) and ``positions`` defaults
-        to the slot index.
+        to the slot index. There, ``segment_ids`` (>= 1) make the appended tokens independent
+        continuations of what is already cached: each sees the cache and its own segment's
+        earlier tokens, not the other segments (all candidates scored on one shared prompt
+        cache, without a copy per candidate).
         """
         batch, length = tokens.shape
         x = self.embed(tokens) if input_embeddings is None else input_embeddings
@@ -323,7 +326,7 @@ class Decoder(nn.Module):
         cache_index = None
         if decode:
             mask, positions, cache_index = self.cache_bookkeeping(
-                length, input_mask, positions, prefix_mask
+                length, input_mask, positions, prefix_mask, segment_ids
             )
         else:
             if positions is None:
@@ -367,6 +370,7 @@ class CacheBookkeeping(nn.Module):
         input_mask: Array | None,
         positions: Array | None,
         prefix_mask: Array | None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, Array, Array]:
         if not self.has_variable("cache", "key_valid"):
             raise ValueError("decode=True needs an initialized cache: call decoder.init_cache")
@@ -389,6 +393,12 @@ class CacheBookkeeping(nn.Module):
             )
             bidir = prefix_mask.astype(bool)[:, :, None] & slot_prefix[:, None, :]
             mask = mask | (bidir & key_valid.value[:, None, :])
+        if segment_ids is not None:  # slots before this call: segment 0, shared by all
+            slot_segment = jax.lax.dynamic_update_slice(
+                jnp.zeros((batch, slots), jnp.int32), segment_ids.astype(jnp.int32), (0, start)
+            )
+            same = slot_segment[:, None, :] == segment_ids.astype(jnp.int32)[:, :, None]
+            mask = mask & (same | (slot_segment == 0)[:, None, :])
         if positions is None:
             positions = jnp.broadcast_to(query_slot, (batch, length))
         index.value = start + length

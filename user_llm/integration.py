@@ -167,7 +167,7 @@ class UserLLM(nn.Module):
         self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
         prepend, decode, deterministic,
     ) -> Array:  # fmt: skip
-        if segment_ids is not None:
+        if segment_ids is not None and (prepend or not decode):
             raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
         batch, length = tokens.shape
         n = context.shape[1]
@@ -178,8 +178,8 @@ class UserLLM(nn.Module):
         embeddings = self.decoder.embed(tokens)
         if not prepend:
             return self.decoder(
-                tokens, positions=positions, input_mask=token_mask, input_embeddings=embeddings,
-                decode=decode, deterministic=deterministic,
+                tokens, positions=positions, segment_ids=segment_ids, input_mask=token_mask,
+                input_embeddings=embeddings, decode=decode, deterministic=deterministic,
             )  # fmt: skip
         soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
         full_prefix = None

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from user_llm import blocked_attention
+
 Array = jax.Array
 DType = Any
 Initializer = Callable[..., Array]
@@ -175,12 +177,15 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
 def dot_product_attention(
     query: Array, key: Array, value: Array, mask: Array | None, dtype: DType
 ) -> Array:
-    """Grouped-query attention; softmax in float32.
+    """Grouped-query attention; softmax in float32. Long sequences go to the memory-efficient
+    ``blocked_attention`` (same result; rows with no key to attend give zeros there).
 
     query: [b, q, heads, d]; key/value: [b, k, kv_heads, d]; mask: broadcastable to [b, q, k]
     (True = attend). heads must be a multiple of kv_heads.
     """
     b, q_len, num_heads, head_dim = query.shape
+    if q_len * key.shape[1] >= blocked_attention.MIN_BLOCKED_PAIRS:  # long prompts
+        return blocked_attention.blocked_attention(query, key, value, mask, dtype)
     weights = attention_weights(query, key, mask).astype(dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
     return out.reshape(b, q_len, num_heads, head_dim)

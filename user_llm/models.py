@@ -184,7 +184,8 @@ class DecoderOnlyModel:
     def _cached_calls(self, params: Params, batch: Batch, prompt_len: int, new_tokens: int):
         """(empty cache, prefill call, append call) for cached decoding or scoring.
 
-        Each call maps (tokens, input_mask, positions, cache) to (logits, cache). The user is
+        Each call maps (tokens, input_mask, positions, cache[, segment_ids]) to (logits,
+        cache); ``segment_ids`` append independent continuations (see ``Decoder``). The user is
         encoded once here; the prefill call sees the prompt bidirectionally unless
         ``causal_prompt`` (as training did).
         """
@@ -194,19 +195,17 @@ class DecoderOnlyModel:
         prompt_prefix = self.prefix_mask(batch)
 
         def call(is_prefill: bool):
-            def fn(tokens, input_mask, positions, cache):
-                extra = step_inputs(is_prefill)
-                if tokens.shape[0] != batch_size:
-                    extra = _repeat_rows(extra, tokens.shape[0])
+            def fn(tokens, input_mask, positions, cache, segment_ids=None):
                 logits, mutated = self.module.apply(
                     {"params": params, "cache": cache},
                     tokens,
                     positions=positions,
                     input_mask=input_mask,
                     prefix_mask=prompt_prefix if is_prefill and prompt_len > 1 else None,
+                    segment_ids=segment_ids,
                     decode=True,
                     mutable=["cache"],
-                    **extra,
+                    **step_inputs(is_prefill),
                 )
                 return logits, mutated["cache"]
 
@@ -219,8 +218,9 @@ class DecoderOnlyModel:
 
         candidates: [b, C, Lc] token ids, right-padded with 0 (end them with EOS so a title is
         not credited for being a prefix of a longer one). The prompt is read once into the KV
-        cache; the cache is then repeated C times and every candidate is appended in one call,
-        so ranking 20 titles after a long text prompt costs little more than reading it once.
+        cache; all C candidates are then appended in one call as separate segments that share
+        that cache (none sees another), so ranking 20 titles after a long text prompt costs
+        little more than reading it once, and memory does not grow with a copy per candidate.
         """
         return self.score_and_predict(params, batch, candidates, max_decode_length=0)[0]
 
@@ -231,22 +231,25 @@ class DecoderOnlyModel:
         prompts (``max_decode_length`` 0: no generation, the tokens are empty)."""
         b, num, cand_len = candidates.shape
         prompts, lengths = self._prompts(batch)
-        new_tokens = max(cand_len, max_decode_length)
+        new_tokens = max(num * cand_len, max_decode_length)
         cache, prefill, append = self._cached_calls(params, batch, prompts.shape[1], new_tokens)
         prompt_mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
         logits, cache = prefill(prompts, prompt_mask, positions, cache)
         first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)  # [b, 1, V]
-        flat = candidates.reshape(b * num, cand_len)
-        valid = flat != 0
-        cand_pos = jnp.repeat(lengths, num)[:, None] + jnp.arange(cand_len)[None, :]
-        cand_logits, _ = append(flat, valid, cand_pos, _repeat_rows(cache, b * num))
+        # Every candidate continues the prompt at its own positions, as its own segment.
+        flat = candidates.reshape(b, num * cand_len)
+        segments = jnp.broadcast_to(jnp.repeat(jnp.arange(1, num + 1), cand_len), flat.shape)
+        cand_pos = lengths[:, None] + jnp.tile(jnp.arange(cand_len), num)[None, :]
+        cand_logits, _ = append(flat, flat != 0, cand_pos, cache, segments)  # cache unchanged
+        cand_logits = cand_logits.reshape(b, num, cand_len, -1)
         # Token j of a candidate is predicted by the prompt's last logits (j = 0) or by the
         # candidate's own token j - 1.
-        prev = jnp.concatenate([jnp.repeat(first, num, axis=0), cand_logits[:, :-1]], axis=1)
+        first = jnp.broadcast_to(first[:, None], (b, num, 1, first.shape[-1]))
+        prev = jnp.concatenate([first, cand_logits[:, :, :-1]], axis=2)
         logp = jax.nn.log_softmax(prev.astype(jnp.float32), axis=-1)
-        token_logp = jnp.take_along_axis(logp, flat[..., None], axis=-1)[..., 0]
-        scores = jnp.sum(token_logp * valid, axis=-1).reshape(b, num)
+        token_logp = jnp.take_along_axis(logp, candidates[..., None], axis=-1)[..., 0]
+        scores = jnp.sum(token_logp * (candidates != 0), axis=-1)
         if max_decode_length == 0:
             return scores, jnp.zeros((b, 0), jnp.int32)
         tokens, _ = decoding.decode(
@@ -481,15 +484,3 @@ def _dual_loss(module, features):
     loss = jnp.sum(nll * valid)
     metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
     return loss, jnp.sum(valid), metrics
-
-
-def _repeat_rows(tree: Any, rows: int) -> Any:
-    """Repeats every batched array of ``tree`` (leading axis b) to ``rows`` = b * n rows, each row
-    n times in a row; scalars (the cache index) and Python values pass through."""
-
-    def repeat(x):
-        if not hasattr(x, "ndim") or x.ndim == 0:
-            return x
-        return jnp.repeat(x, rows // x.shape[0], axis=0)
-
-    return jax.tree_util.tree_map(repeat, tree)
