@@ -14,7 +14,7 @@ import optax
 import pytest
 from conftest import REPO_ROOT, tiny_decoder_config
 
-from user_llm import lora, strategies
+from user_llm import lora, models, strategies
 from user_llm.decoder import Decoder
 from user_llm.integration import IntegrationConfig, UserLLM
 from user_llm.models import UserEncoderModel, UserLLMModel, param_shapes_and_axes
@@ -320,7 +320,7 @@ def test_integration_config_errors_are_clear():
 @pytest.mark.parametrize("causal_prompt", [False, True])
 @pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_perceiver"])
 def test_cached_candidate_scores_equal_full_forward_likelihoods(variant, causal_prompt):
-    """``score_candidates`` (prompt read once, cache repeated per candidate) == the summed
+    """``score_candidates`` (prompt read once, candidates as segments of its cache) == the summed
     log-likelihood of prompt + candidate in one uncached forward pass, for each candidate."""
     model, variables, _ = build(variant)
     model.causal_prompt = causal_prompt
@@ -340,6 +340,14 @@ def test_cached_candidate_scores_equal_full_forward_likelihoods(variant, causal_
     both_scores, tokens = model.score_and_predict(params, batch, jnp.asarray(cands), 4)
     np.testing.assert_allclose(both_scores, got, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(tokens, model.predict_batch(params, batch))
+    # Packed tightly (8 real tokens in row 0 of 12 padded slots): the same scores; a width
+    # too small for a row gives NaN there, never a silently wrong score.
+    width = models.packed_candidate_width(cands, multiple=1)
+    assert width == 8
+    tight, _ = model.score_and_predict(params, batch, jnp.asarray(cands), 0, width)
+    np.testing.assert_allclose(tight, got, rtol=1e-6, atol=1e-6)
+    short, _ = model.score_and_predict(params, batch, jnp.asarray(cands), 0, 6)
+    assert np.isnan(short[0]).all() and np.allclose(short[1], got[1], atol=1e-6)
     for b, p in enumerate(prompts):
         for c in range(3):
             cand = [t for t in cands[b, c] if t]

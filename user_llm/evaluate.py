@@ -50,6 +50,7 @@ from absl import flags
 
 from user_llm import checkpoints, metrics
 from user_llm.data import pipeline
+from user_llm.models import packed_candidate_width
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", [], "Registered User-LLM tasks to evaluate.")
@@ -283,7 +284,8 @@ class _LLMScorer:
             lambda p, b: model.predict_batch(p, _model_batch(b), max_decode_length=decode_len)
         )
         self.score_and_predict = jax.jit(
-            lambda p, b, c: model.score_and_predict(p, _model_batch(b), c, decode_len)
+            lambda p, b, c, w: model.score_and_predict(p, _model_batch(b), c, decode_len, w),
+            static_argnums=3,
         )
         self.diagnostics = jax.jit(lambda p, b: model.diagnostics(p, _model_batch(b)))
 
@@ -314,7 +316,10 @@ class _LLMScorer:
         out: dict[str, np.ndarray] = {}
         if self.info.task in ("next_item", "favorite_genre"):  # one prefill: rank and generate
             answers = self.answer_tokens(batch)
-            scores, tokens = jax.device_get(self.score_and_predict(self.params, batch, answers))
+            width = packed_candidate_width(answers)
+            scores, tokens = jax.device_get(
+                self.score_and_predict(self.params, batch, answers, width)
+            )
             scores, answers = scores[:n], answers[:n]
             norm = length_normalized(scores, answers)
             if self.info.task == "next_item":

@@ -243,7 +243,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         common.update(MODEL_DIR=str(llm), LORA_RANK=0)
     if v.form in ("tp", "tpchat"):  # room for the whole history (~37 tokens an item) + question
         common["TASK_FEATURE_LENGTHS"] = {"inputs": 40 * length + 160, "targets": 24}
-        # Ranking repeats the prompt's KV cache per candidate: small batches bound its memory.
+        # Long prompts: small batches bound the memory of their activations and KV cache.
         evaluate.append(f"--batch_size={max(1, 8 * 20 // length)}")
     bindings = {**common, **dict(v.bindings)}
     if v.kind != "tp_frozen":

@@ -225,31 +225,61 @@ class DecoderOnlyModel:
         return self.score_and_predict(params, batch, candidates, max_decode_length=0)[0]
 
     def score_and_predict(
-        self, params: Params, batch: Batch, candidates: Array, max_decode_length: int
+        self,
+        params: Params,
+        batch: Batch,
+        candidates: Array,
+        max_decode_length: int,
+        packed_width: int | None = None,
     ) -> tuple[Array, Array]:
         """(``score_candidates``, greedy ``predict_batch`` tokens) from one prefill of the
-        prompts (``max_decode_length`` 0: no generation, the tokens are empty)."""
+        prompts (``max_decode_length`` 0: no generation, the tokens are empty).
+
+        The candidates' real tokens are packed end to end, padding dropped, into one row of
+        ``packed_width`` slots per prompt (default C * Lc; pass at least the most real tokens
+        any row has, e.g. ``packed_candidate_width``): titles of ~10 tokens padded to 24 cost
+        ~10 tokens each, not 24.
+        """
         b, num, cand_len = candidates.shape
+        width = packed_width or num * cand_len
         prompts, lengths = self._prompts(batch)
-        new_tokens = max(num * cand_len, max_decode_length)
-        cache, prefill, append = self._cached_calls(params, batch, prompts.shape[1], new_tokens)
+        cache, prefill, append = self._cached_calls(
+            params, batch, prompts.shape[1], max(width, max_decode_length)
+        )
         prompt_mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
         logits, cache = prefill(prompts, prompt_mask, positions, cache)
-        first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)  # [b, 1, V]
-        # Every candidate continues the prompt at its own positions, as its own segment.
-        flat = candidates.reshape(b, num * cand_len)
-        segments = jnp.broadcast_to(jnp.repeat(jnp.arange(1, num + 1), cand_len), flat.shape)
-        cand_pos = lengths[:, None] + jnp.tile(jnp.arange(cand_len), num)[None, :]
-        cand_logits, _ = append(flat, flat != 0, cand_pos, cache, segments)  # cache unchanged
-        cand_logits = cand_logits.reshape(b, num, cand_len, -1)
+        first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
+        # Pack: token j of candidate c goes to slot offset[c] + j (padding to a dump slot),
+        # as segment c + 1 at position length + j, so it sees the prompt and its own tokens.
+        valid = candidates != 0
+        count = jnp.sum(valid, axis=-1)
+        slot = (jnp.cumsum(count, axis=1) - count)[..., None] + jnp.arange(cand_len)
+        slot = jnp.where(valid, slot, width)  # [b, C, Lc]
+        rows = jnp.arange(b)[:, None, None]
+
+        def pack(values: Array) -> Array:
+            return jnp.zeros((b, width + 1), jnp.int32).at[rows, slot].set(values)[:, :width]
+
+        seg_ids = jnp.broadcast_to(jnp.arange(1, num + 1)[None, :, None], candidates.shape)
+        pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(cand_len), candidates.shape)
+        packed = pack(candidates)
+        cand_logits, _ = append(packed, packed != 0, pack(pos), cache, pack(seg_ids))
         # Token j of a candidate is predicted by the prompt's last logits (j = 0) or by the
-        # candidate's own token j - 1.
-        first = jnp.broadcast_to(first[:, None], (b, num, 1, first.shape[-1]))
-        prev = jnp.concatenate([first, cand_logits[:, :, :-1]], axis=2)
-        logp = jax.nn.log_softmax(prev.astype(jnp.float32), axis=-1)
-        token_logp = jnp.take_along_axis(logp, candidates[..., None], axis=-1)[..., 0]
-        scores = jnp.sum(token_logp * (candidates != 0), axis=-1)
+        # candidate's own token j - 1 (the slot before it).
+        cand_logits = cand_logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(cand_logits, axis=-1)  # [b, width]
+        prev = jnp.clip(slot - 1, 0, width - 1)
+        from_packed = cand_logits[rows, prev, candidates] - lse[rows, prev]
+        first = first.astype(jnp.float32)
+        first_logp = jnp.take_along_axis(first, candidates[:, :, 0], axis=-1) - jax.nn.logsumexp(
+            first, axis=-1, keepdims=True
+        )
+        token_logp = from_packed.at[:, :, 0].set(first_logp)
+        scores = jnp.sum(token_logp * valid, axis=-1)
+        # A row whose candidates do not fit the packed width would lose tokens: NaN, not a
+        # silently wrong score.
+        scores = jnp.where((jnp.sum(count, axis=1) > width)[:, None], jnp.nan, scores)
         if max_decode_length == 0:
             return scores, jnp.zeros((b, 0), jnp.int32)
         tokens, _ = decoding.decode(
@@ -297,6 +327,14 @@ class DecoderOnlyModel:
             dummy["decoder_input_tokens"],
             **self.module_inputs(dummy),
         )
+
+
+def packed_candidate_width(candidates: np.ndarray, multiple: int = 64) -> int:
+    """The ``packed_width`` for ``score_and_predict``: the most real (non-0) candidate tokens
+    of any row, rounded up to ``multiple`` so that a few widths cover every batch (each width
+    compiles once)."""
+    most = int(np.max(np.sum(np.asarray(candidates) != 0, axis=(1, 2)), initial=1))
+    return -(-most // multiple) * multiple
 
 
 def param_shapes_and_axes(variables: Mapping[str, Any]) -> dict[str, Any]:
