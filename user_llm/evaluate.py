@@ -32,6 +32,11 @@ Rules (``rules``, all examples of the split, no model): popularity (the candidat
 full catalogue), the majority favorite genre of the training examples, and the user's most
 frequent genre in the window (the label's own rule).
 
+Cost: one prefill of each prompt serves the ranking and the greedy answer; the candidates'
+real tokens are packed end to end (padding dropped) into that one prompt cache as separate
+segments (``models.score_and_predict``), and prompts over ~1,000 tokens use blocked attention
+(``blocked_attention.py``); ``benchmarks/long_prompt.py`` measures both.
+
 The first ``num_examples`` examples of the split (unshuffled) are used for the model: the same
 examples for every model. Our eval sets are small (hundreds of users): read the intervals.
 """
