@@ -75,7 +75,7 @@ def _old_score_and_predict(model, params, batch, candidates, max_decode_length):
     mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
     positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
     logits, cache = prefill(prompts, mask, positions, cache)
-    first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+    first = logits  # [b, 1, V]: the prefill returns the last prompt position's logits
     flat = candidates.reshape(b * num, cand_len)
     copies = jax.tree_util.tree_map(
         lambda x: jnp.repeat(x, num, axis=0) if getattr(x, "ndim", 0) else x, cache

@@ -308,6 +308,7 @@ class Decoder(nn.Module):
         decode: bool = False,
         deterministic: bool = True,
         return_hidden: bool = False,
+        logits_index: Array | None = None,
     ) -> Array:
         """Returns float32 logits [batch, length, vocab] (or final hidden states).
 
@@ -315,10 +316,12 @@ class Decoder(nn.Module):
         replaces the token lookup, for soft prompts. In ``decode`` mode the call appends
         ``length`` tokens to the cache (prefill with length > 1, then steps of 1);
         ``input_mask`` marks which of them are real (default: all) and ``positions`` defaults
-        to the slot index. There, ``segment_ids`` (>= 1) make the appended tokens independent
-        continuations of what is already cached: each sees the cache and its own segment's
-        earlier tokens, not the other segments (all candidates scored on one shared prompt
-        cache, without a copy per candidate).
+        to the slot index. ``logits_index`` [batch, n] returns the logits of those positions
+        only ([batch, n, vocab]): a prefill that needs the last prompt position's logits skips
+        the vocabulary projection everywhere else. In decode mode, ``segment_ids`` (>= 1)
+        make the appended tokens independent continuations of what is already cached: each
+        sees the cache and its own segment's earlier tokens, not the other segments (all
+        candidates scored on one shared prompt cache, without a copy per candidate).
         """
         batch, length = tokens.shape
         x = self.embed(tokens) if input_embeddings is None else input_embeddings
@@ -346,6 +349,8 @@ class Decoder(nn.Module):
                 cache_index,
             )
         x = self.final_norm(x)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
         if return_hidden:
             return x
         if self.config.tie_embeddings:

@@ -50,7 +50,8 @@ def decode(
     chosen tokens [b, max_decode_length]); after an example emits ``eos_id`` its later tokens are
     ``pad_id`` with log-probability 0. The loop stops early once every example is done.
     ``prefill_fn`` (default ``step_fn``) reads the prompts; a model whose first call differs
-    (a soft prompt is prepended once) passes its own.
+    (a soft prompt is prepended once) passes its own. It returns logits for every prompt
+    position, or [b, 1, V] for each prompt's last one only.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -62,7 +63,10 @@ def decode(
     prompt_mask = jnp.arange(prompt_len)[None, :] < prompt_lengths[:, None]
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     logits, cache = (prefill_fn or step_fn)(prompts, prompt_mask, positions, cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    if logits.shape[1] == 1:  # the prefill gave the last prompt position's logits only
+        last = logits[:, 0]
+    else:
+        last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 
     def cond(state):
         t, _, _, _, done, _, _ = state

@@ -135,8 +135,10 @@ class UserLLM(nn.Module):
         prepend_soft_prompt: bool = True,
         decode: bool = False,
         deterministic: bool = True,
+        logits_index: Array | None = None,
     ) -> Array:
-        """Logits [b, L, vocab] for ``tokens``, conditioned on the user.
+        """Logits [b, L, vocab] for ``tokens``, conditioned on the user (only at the token
+        positions ``logits_index`` [b, n] if given, as ``Decoder`` does).
 
         Pass ``user_features`` (the encoder runs), or a precomputed ``context`` from
         ``encode_user`` (decoding reuses it at every step). In soft-prompt decoding the prompt
@@ -157,15 +159,16 @@ class UserLLM(nn.Module):
                 user_context_mask=context_mask,
                 decode=decode,
                 deterministic=deterministic,
+                logits_index=logits_index,
             )
         return self._soft_prompt(
             tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-            prepend_soft_prompt, decode, deterministic,
+            prepend_soft_prompt, decode, deterministic, logits_index,
         )  # fmt: skip
 
     def _soft_prompt(
         self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-        prepend, decode, deterministic,
+        prepend, decode, deterministic, logits_index=None,
     ) -> Array:  # fmt: skip
         if segment_ids is not None and (prepend or not decode):
             raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
@@ -180,6 +183,7 @@ class UserLLM(nn.Module):
             return self.decoder(
                 tokens, positions=positions, segment_ids=segment_ids, input_mask=token_mask,
                 input_embeddings=embeddings, decode=decode, deterministic=deterministic,
+                logits_index=logits_index,
             )  # fmt: skip
         soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
         full_prefix = None
@@ -193,5 +197,6 @@ class UserLLM(nn.Module):
             input_embeddings=jnp.concatenate([context.astype(embeddings.dtype), embeddings], 1),
             decode=decode,
             deterministic=deterministic,
+            logits_index=None if logits_index is None else logits_index + n,
         )
-        return logits[:, n:]
+        return logits if logits_index is not None else logits[:, n:]

@@ -185,7 +185,9 @@ class DecoderOnlyModel:
         """(empty cache, prefill call, append call) for cached decoding or scoring.
 
         Each call maps (tokens, input_mask, positions, cache[, segment_ids]) to (logits,
-        cache); ``segment_ids`` append independent continuations (see ``Decoder``). The user is
+        cache); ``segment_ids`` append independent continuations (see ``Decoder``). The
+        prefill call returns the logits of each prompt's last real token only ([b, 1, V]), as
+        ``decoding.decode`` accepts. The user is
         encoded once here; the prefill call sees the prompt bidirectionally unless
         ``causal_prompt`` (as training did).
         """
@@ -196,6 +198,8 @@ class DecoderOnlyModel:
 
         def call(is_prefill: bool):
             def fn(tokens, input_mask, positions, cache, segment_ids=None):
+                # A prefill returns only the last prompt token's logits: [b, 1, V].
+                last = jnp.sum(input_mask, axis=-1, keepdims=True) - 1 if is_prefill else None
                 logits, mutated = self.module.apply(
                     {"params": params, "cache": cache},
                     tokens,
@@ -205,6 +209,7 @@ class DecoderOnlyModel:
                     segment_ids=segment_ids,
                     decode=True,
                     mutable=["cache"],
+                    logits_index=last,
                     **step_inputs(is_prefill),
                 )
                 return logits, mutated["cache"]
@@ -249,7 +254,7 @@ class DecoderOnlyModel:
         prompt_mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
         logits, cache = prefill(prompts, prompt_mask, positions, cache)
-        first = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
+        first = logits[:, 0]  # [b, V]: the prefill returns the last prompt position's logits
         # Pack: token j of candidate c goes to slot offset[c] + j (padding to a dump slot),
         # as segment c + 1 at position length + j, so it sees the prompt and its own tokens.
         valid = candidates != 0
