@@ -154,8 +154,13 @@ class Checkpointer:
         self._in_flight: int | None = None
 
     def _new_manager(self, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
+        # A step a killed process was still writing (Orbax's temporary folder) is removed when
+        # the next run starts: it never counted as finished.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
         )
         return ocp.CheckpointManager(self.directory, options=options)
 

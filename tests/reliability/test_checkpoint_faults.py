@@ -240,3 +240,42 @@ def test_a_batch_the_mesh_cannot_split_is_one_clear_line(tmp_path):
     )  # fmt: skip
     line = _one_error_line(proc)
     assert "BATCH_SIZE 6 is not divisible by the 4 data-parallel devices" in line, line
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_save_then_restart(tmp_path):
+    """kill -9 while Orbax is writing a step (its temporary folder exists, the step is not
+    finalized): the half-written step never counts as finished, every finished step keeps its
+    manifest and restores, and the rerun resumes from the newest finished step to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    args = [*BASE, f"--gin.MODEL_DIR='{tmp_path}'", "--gin.TRAIN_STEPS=400",
+            "--gin.train_lib.train.save_every_steps=2"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt_dir, deadline, partial = tmp_path / "checkpoints", time.time() + 300, []
+    try:
+        while not partial:
+            assert proc.poll() is None, "training ended before a save could be interrupted"
+            assert time.time() < deadline, "never saw a save in progress"
+            finished = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+            if finished:
+                partial = [p for p in ckpt_dir.iterdir() if "orbax-checkpoint-tmp" in p.name]
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = _steps(tmp_path)
+    assert done and done[-1] < 400
+    for step in done:
+        assert (tmp_path / checkpoints.MANIFEST_DIR / f"{step}.json").exists(), step
+    resumed = _train(tmp_path, 400, 200)
+    assert f"Resumed from checkpoint step {done[-1]}" in resumed.stdout + resumed.stderr
+    assert _steps(tmp_path)[-1] == 400
+    assert not list(ckpt_dir.glob("*orbax-checkpoint-tmp*"))
