@@ -148,19 +148,19 @@ class Checkpointer:
         self.manifest_dir = self.model_dir / MANIFEST_DIR
         self.directory.mkdir(parents=True, exist_ok=True)
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        # A step a killed process was still writing (Orbax's temporary folder) never counted
+        # as finished: it is removed before this run starts. Done here, synchronously, and not
+        # by Orbax's ``cleanup_tmp_directories``, whose background thread outlives a run that
+        # stops at once with an error and then prints a traceback at interpreter shutdown.
+        self._remove_partial_steps("*")
         self._manager = self._new_manager(keep, async_save)
         self._keep, self._async = keep, async_save
         self._allow_fresh_start = allow_fresh_start
         self._in_flight: int | None = None
 
     def _new_manager(self, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
-        # A step a killed process was still writing (Orbax's temporary folder) is removed when
-        # the next run starts: it never counted as finished.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         return ocp.CheckpointManager(self.directory, options=options)
 
@@ -204,12 +204,8 @@ class Checkpointer:
         if cause is None:
             return
         step, self._in_flight = self._in_flight, None
-        if step is not None and jax.process_index() == 0:
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                if partial.is_dir() and not partial.is_symlink():
-                    shutil.rmtree(partial, ignore_errors=True)
-            (self.manifest_dir / f"{step}.json").unlink(missing_ok=True)
-            (self.manifest_dir / f"{step}.json.tmp").unlink(missing_ok=True)
+        if step is not None:
+            self._remove_partial_steps(str(step))
         finished = [s for s in self._manager.all_steps(read=True) if s != step]
         kept = (
             f"finished steps on disk, untouched: {sorted(finished)}; a rerun resumes from step "
@@ -222,6 +218,19 @@ class Checkpointer:
             f"({str(error).splitlines()[0][:200]}). The partial step was removed; {kept} once "
             "the directory is writable again."
         ) from None
+
+    def _remove_partial_steps(self, step: str) -> None:
+        """Removes Orbax's temporary folders of ``step`` (a glob) and the manifests of steps
+        that did not finish."""
+        if jax.process_index() != 0:
+            return
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial, ignore_errors=True)
+        for manifest in self.manifest_dir.glob(f"{step}.json*"):
+            number = manifest.name.split(".", 1)[0]
+            if manifest.name.endswith(".tmp") or not (self.directory / number).is_dir():
+                manifest.unlink(missing_ok=True)
 
     def _drop_stale_manifests(self) -> None:
         if jax.process_index() != 0:
