@@ -262,12 +262,19 @@ class TaskInfo:
 TASK_INFO: dict[str, TaskInfo] = {}
 
 
+def is_user_llm_task(name: str) -> bool:
+    """Whether ``name`` is one of the built-in User-LLM tasks (candidates, genres, reviews);
+    any other registered SeqIO task is evaluated with its own ``metric_fns``."""
+    return name in TASK_INFO
+
+
 def task_info(name: str) -> TaskInfo:
     """The ``TaskInfo`` of a registered User-LLM task (a clear error for anything else)."""
     if name not in TASK_INFO:
         raise ValueError(
-            f"{name!r} is not a registered User-LLM task (import its tasks.* module first); "
-            f"known: {sorted(TASK_INFO)[:20]}..."
+            f"{name!r} is not one of the built-in User-LLM tasks (next item, favorite "
+            "genre/category, review generation); a task of your own is evaluated with its own "
+            f"metric_fns. Built-in: {sorted(TASK_INFO)[:20]}..."
         )
     return TASK_INFO[name]
 

@@ -162,6 +162,21 @@ def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path
         gin.clear_config()
 
 
+def test_includes_log_no_spurious_path_not_found_errors():
+    """gin's package-file check logged ``ERROR ... Path not found`` for each include and
+    search path that is not a Python package; a clean parse logs no error at all."""
+    code = (
+        "from user_llm import gin_utils; "
+        "gin_utils.parse_gin(['experiments/movielens_user_llm_tiny.gin'], "
+        "[f'{m} = \\'x\\'' for m in ('MODEL_DIR', 'LLM_CHECKPOINT', 'ENCODER_CHECKPOINT')], "
+        "[], finalize=False); print('parsed')"
+    )
+    proc = run_module(["-c", code], check=False)
+    assert "parsed" in proc.stdout, proc.stderr[-3000:]
+    assert "Path not found" not in proc.stderr, proc.stderr[-3000:]
+    assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")], proc.stderr
+
+
 @pytest.mark.parametrize(
     "module,flag",
     [

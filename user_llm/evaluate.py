@@ -53,7 +53,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from user_llm import checkpoints, metrics
+from user_llm import checkpoints, errors, metrics
 from user_llm.data import pipeline
 from user_llm.models import packed_candidate_width
 
@@ -449,6 +449,111 @@ def evaluate_task(
     return result
 
 
+def _decode(vocab: Any, tokens: np.ndarray, eos_id: int) -> str:
+    """Text of one row of token ids, up to the first EOS (0 pads are dropped)."""
+    ids = [int(t) for t in tokens]
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return vocab.decode([t for t in ids if t > 0])
+
+
+def evaluate_seqio_task(
+    model: Any,
+    params: Any,
+    task: str,
+    feature_lengths: dict[str, int],
+    *,
+    converter: str,
+    split: str = "test",
+    num_examples: int = 0,
+    batch_size: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Any registered SeqIO task, the T5X way: its own ``metric_fns`` on its own outputs.
+
+    Each example's greedy continuation of its prompt (the ``inputs`` part of the run's
+    converter) is decoded and passed through the task's ``postprocess_fn``; so is the target.
+    Predict metrics get (targets, predictions); score metrics get (targets, scores), the score
+    being the summed log-likelihood of the example's target tokens. The built-in User-LLM
+    tasks (candidates, controls, rules) go through ``evaluate_task`` instead."""
+    import seqio
+
+    seqio_task = seqio.get_mixture_or_task(task)
+    if not isinstance(seqio_task, seqio.Task):
+        raise ValueError(f"{task!r} is a mixture; evaluate its tasks one by one")
+    if converter not in ("prefix_lm", "user_prefix_lm"):
+        raise ValueError(
+            f"{task!r}: the run's converter {converter!r} has no prompt to continue; the task "
+            "metrics need a prefix-LM run (converter prefix_lm or user_prefix_lm)"
+        )
+    start = time.time()
+    cfg = pipeline.DatasetConfig(
+        mixture_or_task_name=task,
+        task_feature_lengths=dict(feature_lengths),
+        split=split,
+        batch_size=batch_size,
+        shuffle=False,
+        converter=converter,
+    )
+    vocab = seqio_task.output_features["targets"].vocabulary
+    eos_id = getattr(model, "eos_id", 1)
+    predict = jax.jit(
+        lambda p, b: model.predict_batch(p, b, max_decode_length=feature_lengths["targets"])
+    )
+    score = jax.jit(model.score_batch)
+    targets, predictions, scores, records = [], [], [], []
+    data = pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
+    for raw in pipeline.numpy_batches(data):
+        batch, n = pipeline.pad_batch(raw, batch_size)
+        out = np.asarray(predict(params, batch))[:n]
+        logp = np.asarray(score(params, batch))[:n]
+        weights = np.asarray(batch["decoder_loss_weights"])[:n] > 0
+        for i in range(n):
+            target = vocab.decode(
+                [int(t) for t in batch["decoder_target_tokens"][i][weights[i]] if t != eos_id]
+            )
+            text = _decode(vocab, out[i], eos_id)
+            targets.append(seqio_task.postprocess_fn(target, example=None, is_target=True))
+            predictions.append(seqio_task.postprocess_fn(text, example=None, is_target=False))
+            scores.append(float(logp[i]))
+            records.append({"target": target, "generated": text, "score": float(logp[i])})
+        if num_examples and len(targets) >= num_examples:
+            break
+    if not targets:
+        raise ValueError(
+            f"task {task!r} has no {split!r} examples (its source gave none, or its "
+            "preprocessors dropped them all)"
+        )
+    if num_examples:
+        targets, predictions = targets[:num_examples], predictions[:num_examples]
+        scores, records = scores[:num_examples], records[:num_examples]
+    task_metrics: dict[str, Any] = {}
+    for fn in seqio_task.predict_metric_fns:
+        task_metrics.update(fn(targets, predictions))
+    for fn in seqio_task.score_metric_fns:
+        task_metrics.update(fn(targets, np.asarray(scores)))
+    if not seqio_task.metric_fns:
+        log(f"WARNING: task {task!r} defines no metric_fns; only predictions are written")
+    result = {
+        "task": task,
+        "split": split,
+        "n": len(targets),
+        "metrics": {k: _plain(v) for k, v in task_metrics.items()},
+        "samples": records[:5],
+        "predictions": records,
+        "seconds": round(time.time() - start, 1),
+    }
+    return result
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as JSON: seqio.metrics.Scalar and numpy numbers to floats."""
+    value = getattr(value, "value", value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value
+
+
 def _run_encoder(model: Any, params: Any, examples, batch_size: int) -> dict[str, np.ndarray]:
     score_items = jax.jit(model.score_next_items)
     per_batch = []
@@ -519,32 +624,53 @@ def window_favorite(genres: np.ndarray, mask: np.ndarray, names: np.ndarray) -> 
 
 
 def main(argv: Sequence[str]) -> None:
+    import seqio
+
+    from tasks import common
     from user_llm import gin_utils
 
     del argv
     gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
+    for task in FLAGS.tasks:
+        if task not in seqio.MixtureRegistry.names() and task not in seqio.TaskRegistry.names():
+            raise errors.ConfigError(
+                f"--tasks: {task!r} is not a registered SeqIO task or mixture; register it in a "
+                "module and import that module with --module_import (or a gin 'import')"
+            )
     source = FLAGS.checkpoint_dir or run["model_dir"]
     params = checkpoints.unflatten(checkpoints.read_params(source))
     lengths = dict(run["train_dataset_cfg"].task_feature_lengths)  # {} for an encoder
     if not FLAGS.tasks:
-        raise ValueError("--tasks is empty: name the registered tasks to evaluate")
+        raise errors.ConfigError("--tasks is empty: name the registered tasks to evaluate")
     unknown = set(FLAGS.controls) - set(CONTROLS)
     if unknown:
-        raise ValueError(f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}")
+        raise errors.ConfigError(f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}")
     results = {"checkpoint": str(source), "tasks": {}}
     for task in FLAGS.tasks:
-        results["tasks"][task] = evaluate_task(
-            run["model"],
-            params,
-            task,
-            lengths,
-            split=FLAGS.split,
-            num_examples=FLAGS.num_examples,
-            batch_size=FLAGS.batch_size,
-            candidates=FLAGS.candidates,
-            controls=FLAGS.controls,
-        )
+        if common.is_user_llm_task(task):
+            results["tasks"][task] = evaluate_task(
+                run["model"],
+                params,
+                task,
+                lengths,
+                split=FLAGS.split,
+                num_examples=FLAGS.num_examples,
+                batch_size=FLAGS.batch_size,
+                candidates=FLAGS.candidates,
+                controls=FLAGS.controls,
+            )
+        else:  # a researcher's own task: its own metric_fns
+            results["tasks"][task] = evaluate_seqio_task(
+                run["model"],
+                params,
+                task,
+                lengths,
+                converter=pipeline.feature_converter_name(run["train_dataset_cfg"]),
+                split=FLAGS.split,
+                num_examples=FLAGS.num_examples,
+                batch_size=FLAGS.batch_size,
+            )
         skip = ("samples", "rules", "predictions")
         brief = {k: v for k, v in results["tasks"][task].items() if k not in skip}
         print(json.dumps({task: brief}))

@@ -26,17 +26,19 @@ DEFAULT_SEARCH_PATHS = (str(REPO_ROOT / "gin"), str(REPO_ROOT), ".")
 
 
 def _guard_gin_package_reader() -> None:
-    """gin also looks an include like 'runs/x.gin' up as a file of a Python package 'runs'; a
-    plain folder of that name in the working directory (e.g. ``runs/`` of model directories) is
-    a namespace package without a file, and gin then crashes with a TypeError instead of
-    moving on to the next search path. Treat that case as "not found"."""
+    """gin also looks an include like 'runs/x.gin' up as a file of a Python package 'runs'.
+    Its check logs ``ERROR ... Path not found`` for every search path that is not a package
+    (one spurious line per include), and a plain folder of that name in the working directory
+    (e.g. ``runs/`` of model directories) is a namespace package without a file, on which gin
+    crashes with a TypeError instead of moving on. Our check says "not found" in both cases,
+    silently."""
     from gin import config as gin_config
     from gin import resource_reader
 
     def exists(path: str) -> bool:
         try:
-            return resource_reader.system_path_file_exists(path)
-        except TypeError:
+            return os.path.isfile(resource_reader._parse_config_path(path))
+        except (ImportError, ValueError, TypeError):  # not a package file: not found
             return False
 
     gin_config._FILE_READERS[:] = [

@@ -33,6 +33,7 @@ def make_train_step(
     use_dropout: bool,
     strategy: str | strategies.Table = "full",
     check_finite: bool = True,
+    differentiate: str = "trainable",
 ) -> Callable[[dict, dict, Array], tuple[dict, dict]]:
     """One optimizer update from one global batch, split into ``accumulation_steps`` pieces.
 
@@ -43,14 +44,30 @@ def make_train_step(
 
     ``check_finite`` adds ``finite`` to the metrics (loss, gradient norm and update norm are
     finite), which the train loop reads every step; off only to measure its cost.
+
+    ``differentiate``: ``"trainable"`` (default) takes gradients of the trained parameters
+    only; ``"all"`` differentiates every parameter and drops the frozen ones' gradients
+    afterwards: the same update at a higher cost, kept to measure and test against.
     """
+    if differentiate not in ("trainable", "all"):
+        raise ValueError(f"differentiate must be 'trainable' or 'all', not {differentiate!r}")
 
     def grad_terms(params, microbatch, rng):
-        def summed(p):
+        """Loss terms and the gradients of the leaves ``differentiate`` selects, in
+        ``tree_leaves`` order. Frozen leaves enter as constants: no weight gradient is formed
+        for them, and no backward pass runs below the lowest layer that a trained leaf feeds."""
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        wanted = _differentiated(params, strategy, differentiate)
+
+        def summed(chosen):
+            it = iter(chosen)
+            full = [next(it) if w else leaf for leaf, w in zip(leaves, wanted, strict=True)]
+            p = jax.tree_util.tree_unflatten(treedef, full)
             loss, weight, metrics = model.loss_terms(p, microbatch, rng if use_dropout else None)
             return loss, (weight, metrics)
 
-        (loss, (weight, metrics)), grads = jax.value_and_grad(summed, has_aux=True)(params)
+        chosen = [leaf for leaf, w in zip(leaves, wanted, strict=True) if w]
+        (loss, (weight, metrics)), grads = jax.value_and_grad(summed, has_aux=True)(chosen)
         return loss, weight, metrics, grads
 
     def train_step(state, batch, rng):
@@ -68,18 +85,28 @@ def make_train_step(
             jnp.zeros_like,
             jax.eval_shape(grad_terms, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng),
         )
-        (loss, weight, metrics, grads), _ = jax.lax.scan(
+        (loss, weight, metrics, chosen_grads), _ = jax.lax.scan(
             body, zeros, (jnp.arange(accumulation_steps), micro)
         )
         denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        trainable = strategies.trainable_mask(params, strategy)
+        chosen_grads = [g / denom for g in chosen_grads]
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        trained = jax.tree_util.tree_leaves(strategies.trainable_mask(params, strategy))
+        wanted = _differentiated(params, strategy, differentiate)
+        # Frozen leaves get zero gradients that nothing reads (the masked optimizer discards
+        # them, the updates of frozen leaves are dropped below), so XLA never forms them.
+        it = iter(chosen_grads)
+        grad_leaves = [
+            next(it) if w else jnp.zeros_like(x) for x, w in zip(leaves, wanted, strict=True)
+        ]
+        grads = jax.tree_util.tree_unflatten(treedef, grad_leaves)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = strategies.apply_updates(params, updates, trainable)
-        leaves = zip(
-            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(trainable), strict=True
-        )
-        trained_grads = [g for g, t in leaves if t]
+        mask = jax.tree_util.tree_unflatten(treedef, trained)
+        new_params = strategies.apply_updates(params, updates, mask)
+        trained_grads = [g for g, t in zip(grad_leaves, trained, strict=True) if t]
+        trained_updates = [
+            u for u, t in zip(jax.tree_util.tree_leaves(updates), trained, strict=True) if t
+        ]
         grad_norm = optax.global_norm(trained_grads)
         out = {
             "loss": loss / denom,
@@ -90,7 +117,7 @@ def make_train_step(
             "num_tokens": weight,
         }
         if check_finite:  # read by the loop after every step: a non-finite state is never saved
-            update_norm = optax.global_norm(jax.tree_util.tree_leaves(updates))
+            update_norm = optax.global_norm(trained_updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
             out["finite"] = finite
         out.update(gate_gradients(grads))
@@ -98,6 +125,13 @@ def make_train_step(
         return new_state, out
 
     return train_step
+
+
+def _differentiated(params: Any, strategy: str | strategies.Table, which: str) -> list[bool]:
+    """Per leaf (``tree_leaves`` order): whether the step takes its gradient."""
+    if which == "all":
+        return [True] * len(jax.tree_util.tree_leaves(params))
+    return jax.tree_util.tree_leaves(strategies.trainable_mask(params, strategy))
 
 
 def gate_gradients(grads: Any) -> dict[str, Array]:

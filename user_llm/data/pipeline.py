@@ -45,11 +45,16 @@ class DatasetConfig:
 CONVERTERS = ("decoder", "prefix_lm", "user_prefix_lm", "user_features")
 
 
+def feature_converter_name(cfg: DatasetConfig) -> str:
+    """The converter ``cfg`` selects: ``converter``, else from the older ``prefix_lm``."""
+    return cfg.converter or ("prefix_lm" if cfg.prefix_lm else "decoder")
+
+
 def feature_converter(cfg: DatasetConfig) -> seqio.FeatureConverter:
     """The SeqIO feature converter ``cfg`` selects (see ``DatasetConfig.converter``)."""
     from user_llm.data import feature_converters as fc
 
-    name = cfg.converter or ("prefix_lm" if cfg.prefix_lm else "decoder")
+    name = feature_converter_name(cfg)
     if name == "decoder":
         return seqio.DecoderFeatureConverter(pack=cfg.pack)
     if name == "prefix_lm":
