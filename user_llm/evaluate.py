@@ -21,6 +21,9 @@ Reads the run's own gin files (model, feature lengths) and the newest checkpoint
   ``accuracy_ranked`` (``_norm``): the answer ranked by likelihood among every genre name, so
   phrasing never decides accuracy.
 - review generation: ``rouge_lsum`` (F-measure, ``rouge-score`` with stemming).
+- any other registered SeqIO task (a researcher's own): its own ``metric_fns`` on the
+  postprocessed greedy answers and targets, and on each target's log-likelihood for score
+  metrics (``evaluate_seqio_task``, T5X's behaviour).
 
 Controls (User-LLM models): the same examples with another test user's history
 (``shuffled_user``: example i reads the user arrays of example i + n/2 mod n) and with no user
