@@ -189,9 +189,9 @@ def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Ca
                 f"{task_name(family.name, family.task_label(task), form, history_length)}: no "
                 f"{split} examples in {resolve_data_dir(family) or 'the bundled data'}. A user "
                 f"needs at least {family.min_interactions} usable interactions (a known item; "
-                "for next-item tasks a target with a title, for favourite-category tasks items "
-                "with categories: Amazon reads both from meta_<Category> files beside the "
-                "reviews)."
+                "for favourite-category tasks items with categories, which Amazon reads from "
+                "meta_<Category> files beside the reviews; without any metadata, next-item "
+                "tasks use item ids as titles)."
             )
         return tf.data.Dataset.from_tensor_slices(
             {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in ex.items()}

@@ -31,6 +31,20 @@ def table(rows, titles=None):
     return df, items
 
 
+def test_without_any_item_metadata_the_item_id_is_the_title(caplog):
+    """Amazon reviews without their meta file: next-item targets fall back to item ids."""
+    inter, items = table(user_rows("a", 7) + user_rows("b", 6))
+    items = items.iloc[:0]  # no metadata file was read
+    with caplog.at_level("WARNING"):
+        h = build_histories(inter, items, HistoryConfig(max_history_length=4, min_interactions=3))
+    assert h.item_titles.tolist() == [str(i) for i in h.item_ids]
+    test = h.splits["test"]
+    assert test["target_title"].tolist() == h.item_ids[test["target_item_index"]].tolist()
+    assert sum("item id as the title" in r.message for r in caplog.records) == 1
+    with_titles = build_histories(*table(user_rows("a", 7)), HistoryConfig(4, min_interactions=3))
+    assert with_titles.item_titles.tolist() == [f"Tai{k}" for k in range(7)]
+
+
 def user_rows(user, n, t0=0, genres=None):
     return [(user, f"{user}i{k}", t0 + 10 * k, 4.0, (genres or [["G"]])[k % len(genres or [1])])
             for k in range(n)]  # fmt: skip

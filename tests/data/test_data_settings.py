@@ -38,8 +38,9 @@ def test_gin_data_dir_and_lenient_reach_the_tasks(tmp_path, monkeypatch):
 
 
 def test_a_task_without_examples_names_the_task_split_and_reason(tmp_path):
-    """Amazon reviews without their meta_<Category> file: items have no titles, so the
-    next-item task is empty; that is one clear error, not a TensorFlow type error."""
+    """Amazon reviews without their meta_<Category> file: items have no categories, so the
+    favourite-category task is empty; that is one clear error, not a TensorFlow type error.
+    Next item falls back to item ids as titles and has examples."""
     import json
 
     from datagen import write_lines
@@ -52,9 +53,13 @@ def test_a_task_without_examples_names_the_task_split_and_reason(tmp_path):
     gin.clear_config()
     try:
         gin.parse_config([f"tasks.data_settings.data_dirs = {{'amazon_reviews': '{tmp_path}'}}"])
-        dataset_fn = common._dataset_fn(amazon.FAMILY, 5, "next_item", "userllm")
-        with pytest.raises(common.EmptyTaskError, match=r"next_item_userllm_h5: no test examples"):
+        dataset_fn = common._dataset_fn(amazon.FAMILY, 5, "favorite_genre", "userllm")
+        with pytest.raises(
+            common.EmptyTaskError, match=r"favorite_category_userllm_h5: no test examples"
+        ):
             dataset_fn("test", False)
+        next_item = common.examples(amazon.FAMILY, 5, "next_item", "userllm", "test")
+        assert set(next_item["targets"]) <= {f"B{i}" for i in range(8)}, next_item["targets"]
         # Review generation needs no metadata: it has examples.
         assert len(common.examples(amazon.FAMILY, 5, "review_gen", "userllm", "test")["targets"])
     finally:

@@ -34,6 +34,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from absl import logging
 
 from user_llm.data.tables import arrow_lists, sorted_codes
 
@@ -149,6 +150,15 @@ def build_histories(
     item_codes = item_codes_all[len(items) :]
     item_titles = np.full(len(item_ids), "", dtype=object)
     item_titles[item_codes_all[: len(items)]] = np.asarray(items["title"], dtype=object)
+    if len(item_titles) and not any(item_titles):
+        # No metadata at all (e.g. Amazon reviews without their meta_<Category> file): the item
+        # id stands in for the title, so next-item tasks still have targets and candidates.
+        logging.warning(
+            "No item has a title (no item metadata was read): next-item targets, candidates "
+            "and text histories use the item id as the title for all %d items.",
+            len(item_titles),
+        )
+        item_titles = np.asarray([str(i) for i in np.asarray(item_ids)], dtype=object)
 
     timestamps = interactions["timestamp"].to_numpy(dtype=np.int64)
     ratings = interactions["rating"].to_numpy(dtype=np.float32)
