@@ -104,6 +104,18 @@ def test_own_task_trains_and_evaluates_with_its_own_metrics(tmp_path):
     assert got["predicted_yes"] == pytest.approx(sum(p == "yes" for p in predicted) / 10)
     assert all(isinstance(r["score"], float) and r["score"] <= 0 for r in records)
 
+    # A personalized answer on one example: the same example evaluation read at that index.
+    shown = run_module(
+        ["-m", "user_llm.generate", *gin_args, f"--task={TASK}", "--example_index=2"],
+        env_extra=env,
+        timeout=900,
+    )
+    lines = dict(ln.split(": ", 1) for ln in shown.stdout.splitlines() if ": " in ln)
+    assert lines["question"] == "Will this user like the next movie?", shown.stdout
+    assert lines["target"] == records[2]["target"], (lines, records[2])
+    assert lines["history"].endswith("interactions") and int(lines["history"].split()[0]) > 0
+    assert lines["answer"].strip() == records[2]["generated"].strip()
+
 
 def test_an_unregistered_task_is_one_line_naming_module_import(tmp_path):
     proc = run_module(
@@ -115,3 +127,27 @@ def test_an_unregistered_task_is_one_line_naming_module_import(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR: ")]
     assert len(errors) == 1 and "not_a_task_xyz" in errors[0] and "--module_import" in errors[0]
+
+
+def test_built_in_example_shows_recent_titles_and_has_a_text_prompt_twin():
+    import numpy as np
+
+    import tasks.movielens  # noqa: F401
+    import tasks.smollm2  # noqa: F401
+    from tasks import common
+    from user_llm import personalized
+
+    twin = personalized.text_prompt_twin("movielens_next_item_userllm_h50_smollm2")
+    assert twin == "movielens_next_item_tpchat_h50_smollm2"
+    assert personalized.text_prompt_twin(TASK) is None
+    task = "movielens_next_item_userllm_h20"
+    raw = personalized.raw_example(task, {"inputs": 64, "targets": 64}, "test", 3)
+    shown = personalized.history_in_short(task, raw)
+    info = common.task_info(task)
+    h = common.family_task_data(info.family, info.history_length).histories
+    test = h.splits["test"]
+    n = int(np.asarray(test["user_mask"][3]).sum())
+    newest = h.item_titles[test["user_item_index"][3][n - 1]]
+    assert shown.startswith(f"{n} interactions; most recent first: {newest};"), (shown, newest)
+    with pytest.raises(Exception, match="no 'test' example at that index"):
+        personalized.raw_example(task, {"inputs": 64, "targets": 64}, "test", 10**6)

