@@ -483,9 +483,9 @@ def evaluate_seqio_task(
 
     seqio_task = seqio.get_mixture_or_task(task)
     if not isinstance(seqio_task, seqio.Task):
-        raise ValueError(f"{task!r} is a mixture; evaluate its tasks one by one")
+        raise errors.ConfigError(f"{task!r} is a mixture; evaluate its tasks one by one")
     if converter not in ("prefix_lm", "user_prefix_lm"):
-        raise ValueError(
+        raise errors.ConfigError(
             f"{task!r}: the run's converter {converter!r} has no prompt to continue; the task "
             "metrics need a prefix-LM run (converter prefix_lm or user_prefix_lm)"
         )
@@ -512,9 +512,7 @@ def evaluate_seqio_task(
         logp = np.asarray(score(params, batch))[:n]
         weights = np.asarray(batch["decoder_loss_weights"])[:n] > 0
         for i in range(n):
-            target = vocab.decode(
-                [int(t) for t in batch["decoder_target_tokens"][i][weights[i]] if t != eos_id]
-            )
+            target = _decode(vocab, batch["decoder_target_tokens"][i][weights[i]], eos_id)
             text = _decode(vocab, out[i], eos_id)
             targets.append(seqio_task.postprocess_fn(target, example=None, is_target=True))
             predictions.append(seqio_task.postprocess_fn(text, example=None, is_target=False))
@@ -523,7 +521,7 @@ def evaluate_seqio_task(
         if num_examples and len(targets) >= num_examples:
             break
     if not targets:
-        raise ValueError(
+        raise errors.ConfigError(
             f"task {task!r} has no {split!r} examples (its source gave none, or its "
             "preprocessors dropped them all)"
         )
