@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def test_cli_smoke_run_writes_config_summaries_and_checkpoints(tmp_path):
     proc = run_module(args, cwd=tmp_path)
     tmp_path = tmp_path / "smoke"
     assert "step 20:" in proc.stdout and "eval/loss" in proc.stdout
+    # The default log is progress and results: two saves and two evals, and not one INFO line
+    # of Orbax (~50 per save) or SeqIO (one per feature per dataset) among them.
+    ours = {p.name for d in ("user_llm", "tasks") for p in (REPO_ROOT / d).rglob("*.py")}
+    info = re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] .*", proc.stderr, re.M)
+    assert not [name for name in info if name not in ours], proc.stderr
+    assert len((proc.stdout + proc.stderr).splitlines()) < 40, proc.stdout + proc.stderr
     assert (tmp_path / "config.gin").read_text().count("movielens_titles_lm") >= 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
         "10",

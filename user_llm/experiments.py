@@ -74,6 +74,10 @@ RECIPE_SWEEP = [  # in the order they were run
     Variant("no Perceiver, integration lr x10, residual-scaled blocks (Enc)", bindings=ENC_RECIPE),
     Variant("recipe, encoder frozen (Proj)", bindings=RECIPE),
     Variant("recipe (Proj), 450 steps", bindings=RECIPE, steps=450),
+    # The encoders study's lead: late fusion read the user on next item at 150 steps.
+    Variant(
+        "recipe with AR late fusion (Proj), 450 steps", encoder="late", bindings=RECIPE, steps=450
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [

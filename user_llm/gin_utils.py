@@ -9,6 +9,7 @@ Errors are made specific: an unknown binding or a REQUIRED macro left unset name
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import gin
 from absl import app, flags
+from absl import logging as absl_logging
 
 from user_llm import errors
 
@@ -248,15 +250,36 @@ def _without_gin_context(error: BaseException) -> str:
     return "\n".join(ln for ln in lines if not ln.strip().startswith("In call to configurable"))
 
 
+class LibraryInfoFilter(std_logging.Filter):
+    """Drops the INFO (and DEBUG) records of installed libraries (Orbax logs ~50 lines per
+    checkpoint save, SeqIO every feature of every dataset, JAX its backend probing), so that the
+    default log of a run is its progress and results. Warnings and errors always pass, as does
+    everything from this project and from a researcher's own modules (not in site-packages).
+    ``--verbosity=1`` (``-v 1``) shows the libraries' INFO too."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING or absl_logging.get_verbosity() >= 1:
+            return True
+        path = record.pathname.replace(os.sep, "/")
+        return "/site-packages/" not in path and "/dist-packages/" not in path
+
+
+def quiet_library_logs() -> None:
+    """Installs ``LibraryInfoFilter`` on absl's handler (once)."""
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(LibraryInfoFilter())
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
     sys.argv = rewrite_gin_args(sys.argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
         print(entry_point_help())
         sys.exit(0)
 
     def wrapped(argv):
+        quiet_library_logs()
         try:
             import_modules(FLAGS.module_import)
             return main(argv)

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from user_llm import checkpoints, distributed, errors, optimizers, partitioning, strategies
 from user_llm.data import pipeline
@@ -162,7 +161,6 @@ def train(
         mesh.axis_names[0], mesh.axis_names[-1], mesh.shard_params_over_data
     )
     batch_sharding = partitioning.data_sharding(device_mesh, rules)
-    logging.info("Mesh %s over %d devices", dict(device_mesh.shape), device_mesh.size)
     data_parallel = device_mesh.shape[mesh.axis_names[0]]
     if batch_size % (data_parallel * accumulation_steps):
         raise errors.ConfigError(
