@@ -217,3 +217,25 @@ def test_no_gin_file_is_one_clear_line():
     proc = run_module(["-m", "user_llm.train"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "ERROR: no --gin_file" in proc.stderr
+
+
+def test_library_info_logs_are_filtered_but_warnings_ours_and_verbose_pass():
+    import logging
+
+    from absl import logging as absl_logging
+
+    def passes(path: str, level: int) -> bool:
+        record = logging.LogRecord("absl", level, path, 1, "message", None, None)
+        return gin_utils.LibraryInfoFilter().filter(record)
+
+    orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not passes(orbax, logging.INFO)
+    assert passes(orbax, logging.WARNING) and passes(orbax, logging.ERROR)
+    assert passes(gin_utils.__file__, logging.INFO)  # this project's own progress
+    assert passes("/home/me/project/my_tasks.py", logging.INFO)  # a researcher's module
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(1)
+    try:
+        assert passes(orbax, logging.INFO)  # --verbosity=1 shows everything
+    finally:
+        absl_logging.set_verbosity(before)

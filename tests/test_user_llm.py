@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -412,3 +413,42 @@ def test_cached_candidate_scores_equal_full_forward_likelihoods(variant, causal_
             }
             want = float(model.score_batch(params, row)[0])
             np.testing.assert_allclose(got[b, c], want, rtol=1e-5, atol=1e-5, err_msg=(b, c))
+
+
+@pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_perceiver", None])
+def test_loss_at_loss_positions_only_equals_the_full_loss(variant):
+    # Prefix-LM rows: prompts of 5 and 2 tokens carry no loss, then 3 target tokens each; the
+    # rest is padding. Logits at only 3 positions per row give the same loss and gradients.
+    if variant is None:
+        model = models.DecoderOnlyModel(Decoder(tiny_decoder_config()))
+        batch = lm_batch()
+        params = model.get_initial_variables(
+            jax.random.PRNGKey(0), {"decoder_input_tokens": (B, 8)}
+        )
+    else:
+        model, params, batch = build(variant)
+    params = nn.unbox(params)["params"]
+    weights = np.zeros((B, 8), np.int32)
+    weights[0, 5:8] = 1
+    weights[1, 2:5] = 1
+    batch = {**batch, "decoder_loss_weights": jnp.asarray(weights)}
+
+    def terms(m, p):
+        loss, weight, metrics = m.loss_terms(p, batch, None)
+        return loss, (weight, metrics)
+
+    (full, (w_full, m_full)), g_full = jax.value_and_grad(terms, 1, has_aux=True)(model, params)
+    few = copy.copy(model)
+    few.loss_positions = 3
+    (part, (w_part, m_part)), g_part = jax.value_and_grad(terms, 1, has_aux=True)(few, params)
+    np.testing.assert_allclose(float(part), float(full), rtol=1e-5)
+    assert float(w_part) == float(w_full) == 6
+    assert float(m_part["correct_sum"]) == float(m_full["correct_sum"])
+    assert float(m_part["dropped_loss_tokens_sum"]) == 0
+    leaves = zip(jax.tree_util.tree_leaves(g_part), jax.tree_util.tree_leaves(g_full), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # A row with more loss tokens than loss_positions: NaN, and the count, not a smaller loss.
+    few.loss_positions = 2
+    loss, _, metrics = few.loss_terms(params, batch, None)
+    assert np.isnan(float(loss)) and float(metrics["dropped_loss_tokens_sum"]) == 2

@@ -257,8 +257,12 @@ class LibraryInfoFilter(std_logging.Filter):
     everything from this project and from a researcher's own modules (not in site-packages).
     ``--verbosity=1`` (``-v 1``) shows the libraries' INFO too."""
 
+    OURS = (str(Path(__file__).resolve().parent), str(REPO_ROOT / "tasks"))
+
     def filter(self, record: std_logging.LogRecord) -> bool:
         if record.levelno >= std_logging.WARNING or absl_logging.get_verbosity() >= 1:
+            return True
+        if record.pathname.startswith(self.OURS):  # this project, installed or not
             return True
         path = record.pathname.replace(os.sep, "/")
         return "/site-packages/" not in path and "/dist-packages/" not in path

@@ -61,7 +61,10 @@ class DecoderOnlyModel:
         eos_id: int | None = 1,
         max_decode_length: int = 32,
         causal_prompt: bool = False,
+        loss_positions: int | None = None,
     ) -> None:
+        if loss_positions is not None and loss_positions < 1:
+            raise ValueError(f"loss_positions must be at least 1 (or None), got {loss_positions}")
         self.module = module
         self.z_loss = z_loss
         self.eos_id = eos_id
@@ -70,6 +73,13 @@ class DecoderOnlyModel:
         # causal LLM was trained to read it, instead of bidirectionally (prefix LM). The loss
         # still covers the targets only (``decoder_loss_weights``).
         self.causal_prompt = causal_prompt
+        # N: the training loss computes logits at only the first N loss-bearing positions of a
+        # row, not at all of them. Unpacked prefix-LM batches carry loss on the targets alone
+        # (SeqIO trims them to the targets length), so with N = that length the loss is the same
+        # while a long text prompt no longer pays the vocabulary projection (49,152 x 576 for
+        # SmolLM2) and its [length, vocab] logits at every prompt token. A row with more loss
+        # tokens than N makes the loss NaN (the run stops, naming it), never silently smaller.
+        self.loss_positions = loss_positions
 
     def prefix_mask(self, batch: Batch) -> Array | None:
         """The bidirectional-prompt mask the module gets (None when prompts are causal)."""
@@ -82,7 +92,12 @@ class DecoderOnlyModel:
         return {}
 
     def _forward(
-        self, params: Params, batch: Batch, dropout_rng: Array | None, deterministic: bool
+        self,
+        params: Params,
+        batch: Batch,
+        dropout_rng: Array | None,
+        deterministic: bool,
+        logits_index: Array | None = None,
     ) -> Array:
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
         return self.module.apply(
@@ -93,6 +108,7 @@ class DecoderOnlyModel:
             prefix_mask=self.prefix_mask(batch),
             deterministic=deterministic,
             rngs=rngs,
+            logits_index=logits_index,
             **self.module_inputs(batch),
         )
 
@@ -101,13 +117,23 @@ class DecoderOnlyModel:
         self, params: Params, batch: Batch, dropout_rng: Array | None
     ) -> tuple[Array, Array, dict[str, Array]]:
         """(summed loss, summed weights, summed metrics): the accumulation-friendly form."""
-        logits = self._forward(params, batch, dropout_rng, deterministic=dropout_rng is None)
-        return cross_entropy_terms(
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        n = self.loss_positions
+        if n is None or n >= targets.shape[1]:
+            logits = self._forward(params, batch, dropout_rng, deterministic=dropout_rng is None)
+            return cross_entropy_terms(logits, targets, weights, self.z_loss)
+        # The loss-bearing positions first, in order (a stable sort), then the first n of them.
+        index = jnp.argsort(weights <= 0, axis=1, stable=True)[:, :n].astype(jnp.int32)
+        logits = self._forward(params, batch, dropout_rng, dropout_rng is None, logits_index=index)
+        loss, weight, metrics = cross_entropy_terms(
             logits,
-            batch["decoder_target_tokens"],
-            batch["decoder_loss_weights"],
+            jnp.take_along_axis(targets, index, axis=1),
+            jnp.take_along_axis(weights, index, axis=1),
             self.z_loss,
         )
+        dropped = jnp.sum(jnp.maximum(jnp.sum(weights > 0, axis=1) - n, 0))
+        loss = jnp.where(dropped > 0, jnp.nan, loss)
+        return loss, weight, {**metrics, "dropped_loss_tokens_sum": dropped.astype(jnp.float32)}
 
     def loss_fn(
         self, params: Params, batch: Batch, dropout_rng: Array | None

@@ -299,10 +299,17 @@ def train(
             if good
             else "no checkpoint had been saved yet"
         )
+        dropped = int(step_metrics.get("dropped_loss_tokens", 0))
+        cause = (
+            f"{dropped} loss-bearing tokens did not fit the model's loss_positions="
+            f"{getattr(model, 'loss_positions', None)}: raise it to the targets length"
+            if dropped
+            else "Lower the learning rate or check the data"
+        )
         raise NonFiniteError(
             f"Non-finite training state at step {done} (loss {float(step_metrics['loss']):.4g}, "
             f"gradient norm {float(step_metrics['grad_norm']):.4g}); nothing of this step was "
-            f"saved and {kept}. Lower the learning rate or check the data."
+            f"saved and {kept}. {cause}."
         )
 
     last_time, last_step = time.time(), start_step

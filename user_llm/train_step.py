@@ -116,6 +116,8 @@ def make_train_step(
             "learning_rate": schedule(state["step"]),
             "num_tokens": weight,
         }
+        if "dropped_loss_tokens_sum" in metrics:  # a model's loss_positions too small: NaN loss
+            out["dropped_loss_tokens"] = metrics["dropped_loss_tokens_sum"]
         if check_finite:  # read by the loop after every step: a non-finite state is never saved
             update_norm = optax.global_norm(trained_updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
