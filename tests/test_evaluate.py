@@ -51,3 +51,31 @@ def test_summaries_are_percentages_with_intervals_around_the_point():
     low, high = out["acc_ci95"]
     assert 0.0 <= low <= 75.0 <= high <= 100.0
     assert out["num_examples"] == 4
+
+
+def test_rules_on_the_same_examples_pair_the_model_with_popularity_and_the_majority():
+    import tasks.movielens  # noqa: F401 - registers the tasks (real ml-latest-small)
+
+    rng = np.random.default_rng(0)
+    hits = {k: rng.integers(0, 2, 40).astype(float) for k in ("a", "b", "c", "d")}
+    real = {
+        "recall@5": hits["a"], "recall@5_norm": hits["b"], "popularity_recall@5": hits["c"],
+        "target_token_prob": hits["d"],
+    }  # fmt: skip
+    out = evaluate.rules_on_the_same_examples("movielens_next_item_userllm_h50", real, [""] * 40)
+    diff = out["Popularity"]["paired_diff"]
+    # Both scorings are paired with popularity's ranks of the same candidates; nothing else.
+    assert set(diff) == {"recall@5", "recall@5_norm"}
+    assert diff["recall@5"][0] == pytest.approx(100 * (hits["a"] - hits["c"]).mean())
+    assert diff["recall@5_norm"][0] == pytest.approx(100 * (hits["b"] - hits["c"]).mean())
+
+    # Favourite genre: the majority of the training examples answers every question alike.
+    task = "movielens_favorite_genre_userllm_h50"
+    majority = evaluate.majority_answer(task)
+    targets = [majority, "Comedy", majority, "Horror"] * 10
+    model = np.array([1.0, 1.0, 0.0, 0.0] * 10)
+    out = evaluate.rules_on_the_same_examples(task, {"accuracy": model}, targets)
+    ((rule, result),) = out.items()
+    assert rule == f"Majority genre ({majority})" and majority == "Drama"
+    # The model is right on 2 of every 4, the rule on the 2 majority ones: 50 - 50 = 0.
+    assert result["paired_diff"]["accuracy"][0] == pytest.approx(0.0)

@@ -68,7 +68,11 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
 
     assert "Recall@5" in rows[user_llm] and "Fav. genre acc. (ranked)" in rows[user_llm]
     assert "Full-catalogue Recall@10" in rows["AR encoder's next-item head"]
-    assert set(results["paired"][user_llm]) == {"shuffled user", "no user"}
+    # Each control, and each rule on the same users (popularity ranks the same candidates).
+    compared = sorted(results["paired"][user_llm])
+    assert {"shuffled user", "no user", "Popularity (same users)"} < set(compared), compared
+    assert any(c.startswith("Majority genre (") for c in compared), compared
+    assert "NDCG@10" in results["paired"][user_llm]["Popularity (same users)"]
     assert "gate_tanh/max_abs" in results["diagnostics"][user_llm]
     # Every evaluated example's target, answer and metrics, real and under each control.
     records = [

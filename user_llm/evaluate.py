@@ -442,6 +442,9 @@ def evaluate_task(
                 **summarize(per),
                 "paired_diff": paired_differences(real, per),
             }
+        result["versus_rules"] = rules_on_the_same_examples(
+            task, real, [s["target"] for s in samples]
+        )
         result["predictions"] = predictions  # written to a .jsonl by main, not the JSON
         first, _ = next(batches(examples, batch_size))
         result["diagnostics"] = {
@@ -573,6 +576,44 @@ def _run_encoder(model: Any, params: Any, examples, batch_size: int) -> dict[str
 
 
 # -- rule baselines -------------------------------------------------------------------------
+def majority_answer(task: str) -> str:
+    """The most frequent favourite genre among the task's training examples."""
+    from tasks import common
+
+    info = common.task_info(task)
+    train = common.examples(info.family, info.history_length, "favorite_genre", "userllm", "train")
+    names, counts = np.unique(train["targets"].astype(str), return_counts=True)
+    return str(names[np.argmax(counts)])
+
+
+def rules_on_the_same_examples(
+    task: str, real: Mapping[str, np.ndarray], targets: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """{rule: {"paired_diff": {metric: [model - rule, low, high]}}}: the model against the rule
+    baselines on the very examples it was evaluated on (a paired bootstrap; the rule rows of
+    the tables cover all users, these the same ones). Popularity ranks the same candidates;
+    the majority genre answers every favourite-genre question alike."""
+    from tasks import common
+
+    info = common.task_info(task)
+    kind = info.task
+    if kind == "next_item":
+        per = {
+            name: real["popularity_" + name.removesuffix("_norm")]
+            for name in real
+            if "popularity_" + name.removesuffix("_norm") in real
+            and not name.startswith("popularity_")
+        }
+        return {"Popularity": {"paired_diff": paired_differences(real, per)}}
+    if kind == "favorite_genre":
+        majority = majority_answer(task)
+        hit = exact_matches(targets, [majority] * len(targets))
+        per = {k: hit for k in ("accuracy", "accuracy_ranked", "accuracy_ranked_norm")}
+        rule = f"Majority {info.family.text.genre_noun} ({majority})"
+        return {rule: {"paired_diff": paired_differences(real, per)}}
+    return {}
+
+
 def rule_baselines(task: str, split: str, candidates: str = "popularity") -> dict[str, Any]:
     """{rule: summary} over every example of the split (no model, so all users are cheap)."""
     from tasks import common
@@ -594,11 +635,7 @@ def rule_baselines(task: str, split: str, candidates: str = "popularity") -> dic
         return {"Popularity": summarize(per)}
     if info.task == "favorite_genre":
         ex = common.examples(info.family, info.history_length, "favorite_genre", "userllm", split)
-        train = common.examples(
-            info.family, info.history_length, "favorite_genre", "userllm", "train"
-        )
-        names, counts = np.unique(train["targets"].astype(str), return_counts=True)
-        majority = names[np.argmax(counts)]
+        majority = majority_answer(task)
         window = window_favorite(ex["user_genres"], ex["user_mask"], h.vocabularies["genre"].tokens)
         targets = ex["targets"].astype(str)
         noun = info.family.text.genre_noun

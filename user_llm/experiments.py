@@ -348,6 +348,11 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) ->
                     paired.setdefault(v.name, {}).setdefault(CONTROL_NAMES[control], {})[title] = (
                         out["paired_diff"][metric]
                     )
+            for rule, out in result.get("versus_rules", {}).items():
+                if metric in out["paired_diff"]:
+                    paired.setdefault(v.name, {}).setdefault(f"{rule} (same users)", {})[title] = (
+                        out["paired_diff"][metric]
+                    )
             if result.get("diagnostics"):
                 diagnostics[v.name] = result["diagnostics"]
             for rule, out in result.get("rules", {}).items():
@@ -415,8 +420,9 @@ def report(tables: dict[str, dict]) -> str:
     if tables["paired"]:
         parts += [
             "",
-            "Paired differences, real users minus each control (percentage points, "
-            "paired bootstrap 95% intervals; * = the interval excludes 0):",
+            "Paired differences, real users minus each control, and the system minus each "
+            "rule baseline on the same users (percentage points, paired bootstrap 95% "
+            "intervals; * = the interval excludes 0):",
             "",
             paired_table(tables["paired"]),
         ]
