@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
+    "importlib-resources==7.1.0",  # TFDS locates a builder's code through it
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
@@ -56,6 +57,8 @@ BEAM_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "beam": BEAM_REQUIRES,
+    # The `tfds build` command line (user_llm.data.tfds_builders) imports mlcroissant.
+    "tfds": ["mlcroissant==1.1.1"],
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",

@@ -24,12 +24,11 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
-from absl import logging
 
 from user_llm import errors
 from user_llm.data import features as F
-from user_llm.data import readers
-from user_llm.data.histories import Histories, HistoryConfig, build_histories
+from user_llm.data.histories import HistoryConfig
+from user_llm.data.task_data import TaskData, build_task_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HISTORY_LENGTHS = (20, 50, 100, 200)
@@ -109,34 +108,12 @@ def data_available(family: Family) -> bool:
     return True
 
 
-@dataclasses.dataclass
-class TaskData:
-    """Histories plus what tasks need beyond them, cached per (dataset, dir, config)."""
-
-    histories: Histories
-    review_texts: dict[str, np.ndarray]  # split -> review text of each target interaction
-
-    @functools.cached_property
-    def negatives(self) -> dict[str, np.ndarray]:
-        """{sampling: [num_users, NUM_NEGATIVES] negatives} for each candidate set."""
-        return {s: F.user_negatives(self.histories, sampling=s) for s in F.NEGATIVE_SAMPLINGS}
-
-
 @functools.lru_cache(maxsize=8)
 def task_data(
     dataset: str, data_dir: str | None, config: HistoryConfig, lenient: bool = False
 ) -> TaskData:
     """Reads the dataset and builds its histories once per process (several tasks share it)."""
-    interactions, items, report = readers.load(dataset, data_dir, lenient=lenient)
-    if report.rows_skipped:  # in every training and eval log, so a loss is never silent
-        logging.warning(
-            "%s: read %d rows from %s, dropped %s", dataset, report.rows_read,
-            data_dir or "the bundled data", report.rows_skipped,
-        )  # fmt: skip
-    h = build_histories(interactions, items, config)
-    reviews = interactions["review_text"].to_numpy(dtype=object)
-    review_texts = {s: reviews[h.target_rows[s]] for s in SPLITS}
-    return TaskData(histories=h, review_texts=review_texts)
+    return build_task_data(dataset, data_dir, config, lenient)
 
 
 def family_task_data(family: Family, history_length: int) -> TaskData:
@@ -193,11 +170,16 @@ def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Ca
                 "meta_<Category> files beside the reviews; without any metadata, next-item "
                 "tasks use item ids as titles)."
             )
-        return tf.data.Dataset.from_tensor_slices(
-            {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in ex.items()}
-        )
+        return in_memory_dataset(ex)
 
     return dataset_fn
+
+
+def in_memory_dataset(examples: dict[str, np.ndarray]) -> tf.data.Dataset:
+    """numpy examples (strings as object arrays) -> a tf.data dataset of one example each."""
+    return tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant(v.tolist() if v.dtype == object else v) for k, v in examples.items()}
+    )
 
 
 def int_feature(rank: int) -> seqio.Feature:
@@ -306,10 +288,14 @@ def register_family(
     vocabulary: seqio.Vocabulary | None = None,
     name_suffix: str = "",
     history_lengths: Sequence[int] | None = None,
+    source: Callable[[int, str, str], tuple[seqio.DataSource, list[Callable]]] | None = None,
 ) -> list[str]:
     """Registers every task of ``family`` (both forms, each history length); returns names.
 
-    Re-registering an existing name is a no-op, so importing twice is harmless.
+    ``source(history_length, task, form)``: (data source, preprocessors that turn its elements
+    into the task's examples) instead of the in-memory histories (the TFDS-backed tasks of
+    ``tasks/tfds_tasks.py``). Re-registering an existing name is a no-op, so importing twice
+    is harmless.
     """
     vocabulary = vocabulary or seqio.ByteVocabulary()
     text = {
@@ -348,11 +334,16 @@ def register_family(
                         }
                     )
                     preprocessors = list(text_preprocessors)
+                if source is None:
+                    data_source = seqio.FunctionDataSource(
+                        _dataset_fn(family, length, task, form or ""), splits=SPLITS
+                    )
+                else:
+                    data_source, to_examples = source(length, task, form or "")
+                    preprocessors = [*to_examples, *preprocessors]
                 seqio.TaskRegistry.add(
                     name,
-                    source=seqio.FunctionDataSource(
-                        _dataset_fn(family, length, task, form or ""), splits=SPLITS
-                    ),
+                    source=data_source,
                     preprocessors=preprocessors,
                     output_features=output_features,
                     metric_fns=[exact_match] if task in ("next_item", "favorite_genre") else [],

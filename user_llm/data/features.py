@@ -330,6 +330,10 @@ def task_examples(
     # them), so the tasks of one dataset share their features and mix in one SeqIO mixture.
     negatives = dict(negatives or {})
     for sampling, prefix in CANDIDATE_PREFIXES.items():
+        stored = [prefix + k for k in CANDIDATE_KEYS]
+        if all(k in split for k in stored):  # built with the examples (a TFDS dataset)
+            out.update({k: np.asarray(split[k]) for k in stored})
+            continue
         if sampling not in negatives:
             negatives[sampling] = user_negatives(h, seed=seed, sampling=sampling)
         out.update(candidate_sets(h, split, negatives[sampling], seed=seed, prefix=prefix))
