@@ -22,7 +22,6 @@ from tests.data.datagen import write_json_lines  # noqa: E402
 from user_llm.data import pipeline  # noqa: E402
 
 FAMILIES = (movielens.FAMILY, amazon_reviews.FAMILY, google_local.FAMILY)
-PREFIXES = tuple(f"{f.name}_" for f in FAMILIES)
 TEXT_LENGTHS = {"inputs": 64, "targets": 16}
 BATCH = 2
 
@@ -57,7 +56,9 @@ def google_dir(tmp_path_factory):
 
 
 def our_tasks() -> list[str]:
-    return sorted(n for n in seqio.TaskRegistry.names() if n.startswith(PREFIXES))
+    """The byte-vocabulary tasks the family modules register on import (not the tokenizer or
+    TFDS variants other tests register in the same worker: ``*_smollm2``, ``*_tfds``)."""
+    return sorted(n for m in (movielens, amazon_reviews, google_local) for n in m.TASK_NAMES)
 
 
 def family_of(name: str) -> common.Family:
