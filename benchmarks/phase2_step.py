@@ -6,7 +6,8 @@ r"""Train-step cost of two ways to compute the same step, on the main job's real
 
 Builds the model from the experiment's gin files (``user_llm``: the main job's phase 2,
 SmolLM2-135M shapes, AR encoder, history 50, the recipe's bindings; ``tp``: the text-prompt
-baseline, SmolLM2 with LoRA reading 20 movies as text), reads one real training batch of the
+baseline, SmolLM2 with LoRA reading 20 movies as text; ``tp_tiny``: the same prompts for the
+tiny decoder of ``experiments/movielens_tp_tiny.gin``), reads one real training batch of the
 task, initializes random weights (cost depends on shapes only), and for each strategy compiles
 the real train step (``user_llm.train_step.make_train_step``) both ways:
 
@@ -59,6 +60,10 @@ EXPERIMENTS = {  # gin file, bindings (the directories are never read)
         "experiments/movielens_tp_smollm2.gin",
         ["MODEL_DIR='/nonexistent'", "LLM_CHECKPOINT='/nonexistent'"],
     ),
+    "tp_tiny": (  # the same text prompts for the tiny decoder (CPU smoke runs)
+        "experiments/movielens_tp_tiny.gin",
+        ["MODEL_DIR='/nonexistent'"],
+    ),
 }
 
 
@@ -79,12 +84,14 @@ def _setup(experiment: str, extra_bindings: list[str]):
 
     gin_file, bindings = EXPERIMENTS[experiment]
     gin_utils.parse_gin([gin_file], bindings + extra_bindings)
-    bound = gin_utils.query_values(
-        "train_lib.train", ["model", "train_dataset_cfg", "learning_rate_multipliers"]
-    )
+    bound = gin_utils.query_values("train_lib.train", ["model", "train_dataset_cfg"])
+    try:  # set by the User-LLM run file only
+        multipliers = gin_utils.query_values("train_lib.train", ["learning_rate_multipliers"])
+    except ValueError:
+        multipliers = {"learning_rate_multipliers": None}
     ds = pipeline.get_dataset(bound["train_dataset_cfg"], shard_id=0, num_shards=1)
     batch = {k: jnp.asarray(v) for k, v in next(pipeline.numpy_batches(ds)).items()}
-    return bound["model"], batch, bound["learning_rate_multipliers"]
+    return bound["model"], batch, multipliers["learning_rate_multipliers"]
 
 
 def ways(model, batch, compare: str) -> list[tuple[str, object, str]]:

@@ -382,7 +382,7 @@ def paired_table(paired: dict[str, dict]) -> str:
     """Real users minus each control, with paired bootstrap 95% intervals (percentage points);
     a cell is marked * where the interval excludes 0."""
     shown = [c[0] for c in COLUMNS if any(c[0] in d for p in paired.values() for d in p.values())]
-    lines = ["| System | real minus | " + " | ".join(shown) + " |", "|---" * (len(shown) + 2) + "|"]
+    lines = ["| System | minus | " + " | ".join(shown) + " |", "|---" * (len(shown) + 2) + "|"]
     for system, controls in paired.items():
         for control, diffs in controls.items():
             cells = []
