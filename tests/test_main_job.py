@@ -129,3 +129,18 @@ def test_rows_selects_study_rows_in_order_and_refuses_unknown_ones():
     for bad in ("0", f"{len(study) + 1}", "x", ","):
         with pytest.raises(SystemExit, match="--rows"):
             ex.select_rows(study, bad)
+
+
+def test_commands_section_lines_run_as_pasted_in_a_shell(tmp_path):
+    import shlex
+
+    root = tmp_path / "movielens"
+    text = ex.commands_section([ex.XATTN], "movielens", root, ex.Budget(), "runs/exp/movielens")
+    lines = [ln.strip().strip("`") for ln in text.splitlines() if ln.strip().startswith("`")]
+    stages = ex.stages(ex.XATTN, "movielens", root, ex.Budget())
+    stages = [s for s in stages if s[0] != "import_llm"]
+    assert len(lines) == len(stages) - 1 > 0
+    for line, (_, args, _) in zip(lines, stages[1:], strict=True):
+        # What a shell hands the program is the stage's own argument list (quotes included).
+        want = [a.replace(str(root), "runs/exp/movielens") for a in args]
+        assert shlex.split(line) == ["python", *want], line

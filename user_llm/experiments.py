@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -481,14 +482,16 @@ def write_keeping_notes(path: Path, text: str) -> None:
 def commands_section(
     variants: Sequence[Variant], dataset: str, root: Path, budget: Budget, shown_root: str
 ) -> str:
-    """Markdown: each row's own training and evaluation commands, with ``root`` written as
-    ``shown_root`` (the ``--model_dir`` the study was given), so a row can be rerun alone."""
+    """Markdown: each row's own training and evaluation commands, shell-quoted, with ``root``
+    written as ``shown_root`` (the ``--model_dir`` the study was given), so a row can be rerun
+    alone by pasting its lines."""
     lines = ["", f"## Each row's commands (`{shown_root}` is the study's model dir)", ""]
     for v in variants:
         own = [s for s in stages(v, dataset, root, budget) if s[0] != "import_llm"][1:]
         lines.append(f"- **{v.name}**:")
         for _, args, _ in own:
-            cmd = " ".join(["python", *args]).replace(str(root), shown_root)
+            # Shell-quoted, so the line runs as pasted (gin strings keep their quotes).
+            cmd = shlex.join(["python", *args]).replace(str(root), shown_root)
             lines.append(f"  `{cmd}`")
     return "\n".join(lines) + "\n"
 
