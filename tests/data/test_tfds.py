@@ -92,3 +92,25 @@ def test_tfds_build_command_line_on_the_bundled_data(tmp_path):
     built = tmp_path / "data" / "user_llm_movielens" / f"ml-latest-small_h{LENGTH}" / "1.0.0"
     assert (built / "dataset_info.json").is_file() and (built / "metadata.json").is_file()
     assert list(built.glob("user_llm_movielens-test.tfrecord*")), sorted(built.iterdir())
+
+
+def test_amazon_sample_builds_and_reads_as_the_reader_tasks(tmp_path):
+    # The Amazon Reviews 2023 sample in ../shared/data (no meta files: item ids stand in for
+    # titles), built with the "all" config from that folder as the manual folder.
+    import tensorflow_datasets as tfds
+
+    import tasks.amazon_reviews as amazon
+    from tasks import common, tfds_tasks
+
+    if not common.data_available(amazon.FAMILY):
+        pytest.skip("the Amazon Reviews sample is not beside the repository")
+    manual = common.resolve_data_dir(amazon.FAMILY)
+    builder = tfds.builder(f"user_llm_amazon_reviews/all_h{LENGTH}", data_dir=tmp_path)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    tfds_tasks.register_tfds_tasks(amazon.FAMILY, "all", str(tmp_path), "_tfds_amazon")
+    for task in ("amazon_reviews_next_item_userllm_h20", "amazon_reviews_review_gen_tp_h20"):
+        want, got = _elements(task, "test"), _elements(task + "_tfds_amazon", "test")
+        assert len(got) == len(want) > 0, (task, len(got), len(want))
+        for a, b in zip(want, got, strict=True):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{task} {k}")
