@@ -1,9 +1,11 @@
 """A researcher's own task, end to end through the CLIs, from a module outside the repository:
-``--module_import``, training User-LLM on it, and ``evaluate`` with the task's own metric_fns."""
+``--module_import``, phase 1 (the user encoder), phase 2 (User-LLM on the task, from that
+encoder), ``evaluate`` with the task's own metric_fns and ``generate`` on one example."""
 
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -66,6 +68,14 @@ def test_own_task_trains_and_evaluates_with_its_own_metrics(tmp_path):
     project.mkdir()
     (project / "my_tasks.py").write_text(MODULE)
     env = {"PYTHONPATH": str(project)}
+    # Phase 1: the user encoder pretrained on the same histories (history 20).
+    encoder_dir = tmp_path / "encoder"
+    run_module(
+        ["-m", "user_llm.train", "--gin_file=experiments/movielens_encoder_pretrain.gin",
+         "--gin_file=local_tiny.gin", "--gin.HISTORY_LENGTH=20", "--gin.TRAIN_STEPS=2",
+         "--gin.train_lib.train.eval_every_steps=0", f"--gin.MODEL_DIR='{encoder_dir}'"],
+        timeout=900,
+    )  # fmt: skip
     run_dir = tmp_path / "run"
     gin_args = [
         "--module_import=my_tasks",
@@ -75,14 +85,17 @@ def test_own_task_trains_and_evaluates_with_its_own_metrics(tmp_path):
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 8}",
         "--gin.TRAIN_STEPS=2",
-        "--gin.STRATEGY='full'",  # no LLM or encoder checkpoint: everything from scratch
-        "--gin.train_lib.train.init_checkpoint=[]",
+        # Phase 2 from the phase-1 encoder; the tiny LLM from scratch (no LLM checkpoint).
+        "--gin.STRATEGY='full'",
+        "--gin.train_lib.train.init_checkpoint=[@encoder/train_lib.InitCheckpoint()]",
         "--gin.LLM_CHECKPOINT='unused'",
-        "--gin.ENCODER_CHECKPOINT='unused'",
+        f"--gin.ENCODER_CHECKPOINT='{encoder_dir}'",
         "--gin.train_lib.train.eval_every_steps=0",
         f"--gin.MODEL_DIR='{run_dir}'",
     ]
-    run_module(["-m", "user_llm.train", *gin_args], env_extra=env, timeout=900)
+    trained = run_module(["-m", "user_llm.train", *gin_args], env_extra=env, timeout=900)
+    warm = re.search(r"Warm start from \S*encoder: (\d+) restored", trained.stdout)
+    assert warm and int(warm.group(1)) > 10, trained.stdout[-3000:]
     output = tmp_path / "metrics.json"
     proc = run_module(
         ["-m", "user_llm.evaluate", *gin_args, f"--tasks={TASK}", "--num_examples=10",
