@@ -56,19 +56,3 @@ def run_module(args, env_extra=None, timeout=600, check=True, cwd=REPO_ROOT):
             f"stderr:\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-# The longest tests, started first: under ``pytest -n 2`` a 10-minute test collected last would
-# run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_tiny_main_job_end_to_end", "test_own_task")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Order: the longest tests, then the other slow ones, then the rest (each stable)."""
-
-    def rank(item) -> int:
-        if any(name in item.nodeid for name in LONGEST_FIRST):
-            return 0
-        return 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)
