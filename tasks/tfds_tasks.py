@@ -79,7 +79,7 @@ def _to_task_examples(
             h,
             "windows",
             task,
-            form or "userllm",
+            form,
             family.text,
             review_texts=h.splits["windows"]["review_text"],
         )

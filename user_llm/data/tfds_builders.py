@@ -45,10 +45,9 @@ VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "First release: history windows with targets and candidate sets."}
 HISTORY_LENGTHS = (20, 50, 100, 200)
 NUM_CANDIDATES = F.NUM_NEGATIVES + 1
-SPLIT_NAMES = {"train": "train", "validation": "validation", "test": "test"}
 
-# Per-window arrays and per-example scalars of ``Histories.splits`` (dtype, trailing shape
-# after the window length L; None: a scalar), as written to TFDS.
+# Per-window arrays [L] and per-example scalars of ``Histories.splits``, with the dtype they are
+# written to TFDS in.
 WINDOW = {
     "user_item_ids": np.int32,
     "user_item_index": np.int32,
@@ -80,6 +79,11 @@ class HistoriesConfig(tfds.core.BuilderConfig):
     source: str = ""
     history_length: int = 50
     max_categories: int = HistoryConfig().max_categories
+
+    def history_config(self) -> HistoryConfig:
+        return HistoryConfig(
+            max_history_length=self.history_length, max_categories=self.max_categories
+        )
 
 
 def _configs(sources: tuple[str, ...]) -> list[HistoriesConfig]:
@@ -170,8 +174,7 @@ class _HistoriesBuilder(tfds.core.GeneratorBasedBuilder):
                 + self.MANUAL_DOWNLOAD_INSTRUCTIONS
             )
         kw = {self.SOURCE_KW: [c.source]} if self.SOURCE_KW and c.source != "all" else {}
-        config = HistoryConfig(max_history_length=c.history_length, max_categories=c.max_categories)
-        return build_task_data(self.DATASET, str(manual_dir), config, **kw)
+        return build_task_data(self.DATASET, str(manual_dir), c.history_config(), **kw)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         try:
@@ -180,7 +183,7 @@ class _HistoriesBuilder(tfds.core.GeneratorBasedBuilder):
             manual_dir = None
         data = self._task_data(manual_dir)
         self.info.metadata.update(catalogue(data))
-        return {SPLIT_NAMES[s]: self._generate_examples(split_examples(data, s)) for s in SPLITS}
+        return {s: self._generate_examples(split_examples(data, s)) for s in SPLITS}
 
     def _generate_examples(self, arrays: dict[str, np.ndarray]):
         for i in range(len(arrays["user_index"])):
@@ -199,7 +202,6 @@ class UserLlmMovielens(_HistoriesBuilder):
 
     def _task_data(self, manual_dir: Path | None) -> TaskData:
         c = self.builder_config
-        config = HistoryConfig(max_history_length=c.history_length, max_categories=c.max_categories)
         places = (manual_dir / c.source, manual_dir / f"{c.source}.zip") if manual_dir else ()
         found = [p for p in places if p.exists()]
         if not found and c.source != "ml-latest-small":
@@ -207,7 +209,7 @@ class UserLlmMovielens(_HistoriesBuilder):
                 f"{c.source}: not in the manual folder ({manual_dir}) as a folder or .zip. "
                 + self.MANUAL_DOWNLOAD_INSTRUCTIONS
             )
-        return build_task_data("movielens", str(found[0]) if found else None, config)
+        return build_task_data("movielens", str(found[0]) if found else None, c.history_config())
 
 
 class UserLlmAmazonReviews(_HistoriesBuilder):
