@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
 import numpy as np
@@ -27,7 +28,7 @@ import tensorflow as tf
 
 from user_llm import errors
 from user_llm.data import features as F
-from user_llm.data.histories import HistoryConfig
+from user_llm.data.histories import Histories, HistoryConfig
 from user_llm.data.task_data import TaskData, build_task_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -241,24 +242,42 @@ class TaskInfo:
     form: str | None  # "userllm" | "tp" | "hybrid" | None (encoder pretraining)
 
 
-TASK_INFO: dict[str, TaskInfo] = {}
+class UserLLMTask(seqio.Task):
+    """A ``seqio.Task`` of a built-in family that also says what it is (``info``): evaluation
+    reads the task kind (candidates to rank, genre names, review texts) from the task itself,
+    as T5X reads ``metric_fns``; there is no second registry."""
+
+    def __init__(self, name: str, *args: Any, info: TaskInfo, **kwargs: Any) -> None:
+        super().__init__(name, *args, **kwargs)
+        self.info = info
+
+
+def _registered(name: str) -> seqio.Task | None:
+    return seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names() else None
 
 
 def is_user_llm_task(name: str) -> bool:
     """Whether ``name`` is one of the built-in User-LLM tasks (candidates, genres, reviews);
     any other registered SeqIO task is evaluated with its own ``metric_fns``."""
-    return name in TASK_INFO
+    return isinstance(_registered(name), UserLLMTask)
+
+
+def user_llm_tasks() -> dict[str, TaskInfo]:
+    """{name: info} of every registered built-in User-LLM task."""
+    return {n: t.info for n in seqio.TaskRegistry.names()
+            if isinstance(t := seqio.TaskRegistry.get(n), UserLLMTask)}  # fmt: skip
 
 
 def task_info(name: str) -> TaskInfo:
     """The ``TaskInfo`` of a registered User-LLM task (a clear error for anything else)."""
-    if name not in TASK_INFO:
+    task = _registered(name)
+    if not isinstance(task, UserLLMTask):
         raise ValueError(
             f"{name!r} is not one of the built-in User-LLM tasks (next item, favorite "
             "genre/category, review generation); a task of your own is evaluated with its own "
-            f"metric_fns. Built-in: {sorted(TASK_INFO)[:20]}..."
+            f"metric_fns. Built-in: {sorted(user_llm_tasks())[:20]}..."
         )
-    return TASK_INFO[name]
+    return task.info
 
 
 def item_titles(name: str) -> np.ndarray:
@@ -316,7 +335,6 @@ def register_family(
             for form in forms:
                 name = task_name(family.name, family.task_label(task), form, length, name_suffix)
                 names.append(name)
-                TASK_INFO[name] = TaskInfo(family, length, task, form)
                 if name in seqio.TaskRegistry.names():
                     continue
                 if task == "encoder_pretrain":
@@ -343,6 +361,8 @@ def register_family(
                     preprocessors = [*to_examples, *preprocessors]
                 seqio.TaskRegistry.add(
                     name,
+                    task_cls=UserLLMTask,
+                    info=TaskInfo(family, length, task, form),
                     source=data_source,
                     preprocessors=preprocessors,
                     output_features=output_features,
@@ -358,18 +378,23 @@ FAMILIES_BY_NAME: dict[str, str] = {
 }
 
 
+def family_histories(dataset: str, history_length: int) -> Histories:
+    """The cached histories of a built-in family, by dataset name (imports its tasks module)."""
+    import importlib
+
+    if dataset not in FAMILIES_BY_NAME:
+        raise ValueError(f"Unknown dataset {dataset!r}; use one of {sorted(FAMILIES_BY_NAME)}")
+    family = importlib.import_module(FAMILIES_BY_NAME[dataset]).FAMILY
+    return family_task_data(family, history_length).histories
+
+
 def encoder_feature_sizes(dataset: str, history_length: int, kind: str) -> dict[str, int]:
     """Vocabulary sizes of a family's encoder features, for ``UserEncoderConfig`` in gin.
 
     kind: "categorical" (item ids, rating and time buckets) or "multivalued" (genres).
     Sizes come from the same cached histories the tasks read, so they always agree.
     """
-    import importlib
-
-    if dataset not in FAMILIES_BY_NAME:
-        raise ValueError(f"Unknown dataset {dataset!r}; use one of {sorted(FAMILIES_BY_NAME)}")
-    family = importlib.import_module(FAMILIES_BY_NAME[dataset]).FAMILY
-    h = family_task_data(family, history_length).histories
+    h = family_histories(dataset, history_length)
     if kind == "categorical":
         return {
             "user_item_ids": h.vocabularies["item"].size,

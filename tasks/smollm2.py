@@ -33,7 +33,7 @@ def mixture_name(dataset: str, form: str, history_length: int) -> str:
 
 def _register_mixtures() -> list[str]:
     names = []
-    for name, info in list(common.TASK_INFO.items()):
+    for name, info in common.user_llm_tasks().items():
         if not name.endswith(SUFFIX) or info.task != "next_item":
             continue
         family = info.family
@@ -69,12 +69,11 @@ def _register_chat_tasks() -> list[str]:
         )
 
     names = []
-    for name, info in list(common.TASK_INFO.items()):
+    for name, info in common.user_llm_tasks().items():
         if not name.endswith(SUFFIX) or info.form != "tp":
             continue
         chat = common.task_name(info.family.name, info.family.task_label(info.task), "tpchat",
                                 info.history_length, SUFFIX)  # fmt: skip
-        common.TASK_INFO[chat] = dataclasses.replace(info, form="tpchat")
         names.append(chat)
         if chat in seqio.TaskRegistry.names():
             continue
@@ -84,6 +83,8 @@ def _register_chat_tasks() -> list[str]:
         features["inputs"] = seqio.Feature(VOCABULARY, add_eos=False)
         seqio.TaskRegistry.add(
             chat,
+            task_cls=common.UserLLMTask,
+            info=dataclasses.replace(info, form="tpchat"),
             source=base.source,
             preprocessors=[to_chat, *base.preprocessors],
             output_features=features,

@@ -21,6 +21,7 @@ REQUIRED_VALUES = {
     "TRAIN_STEPS": "1",
     "LLM_CHECKPOINT": "'/tmp/unused_llm'",
     "ENCODER_CHECKPOINT": "'/tmp/unused_encoder'",
+    "ITEM_TEXT_TABLE": "'/tmp/unused_item_titles.npy'",
 }
 # Overlays are not standalone: they are composed on top of an experiment.
 # Overlays and the experiment file each is composed after.
@@ -184,6 +185,7 @@ def test_includes_log_no_spurious_path_not_found_errors():
         ("user_llm.evaluate", "--num_examples"),
         ("user_llm.generate", "--max_decode_length"),
         ("user_llm.main_job", "--eval_examples"),
+        ("user_llm.item_text_table", "--llm_checkpoint"),
     ],
 )
 def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):

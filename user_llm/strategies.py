@@ -10,6 +10,9 @@ Each table is an ordered list of ``(regex, trainable)``; the first regex that fu
   blocks) train.
 - ``proj``: LLM and encoder frozen; only the integration trains.
 
+A parameter whose own name starts with ``frozen_`` (a constant table kept in the checkpoint, e.g.
+the encoder's item-title vectors) never trains, whatever the table says.
+
 Frozen parameters get no optimizer state (``optax.set_to_zero``) and the train step passes
 them through untouched, so they stay bitwise identical.
 """
@@ -25,6 +28,7 @@ import optax
 
 Table = Sequence[tuple[str, bool]]
 
+FROZEN_PREFIX = "frozen_"
 INTEGRATION = r"(projector|perceiver)/.*|decoder/layers_\d+/context_block/.*"
 STRATEGIES: dict[str, Table] = {
     "full": [(r".*", True)],
@@ -53,6 +57,8 @@ def trainable_mask(params: Any, strategy: str | Table) -> Any:
 
     def decide(path, _):
         name = path_name(path)
+        if name.rsplit("/", 1)[-1].startswith(FROZEN_PREFIX):
+            return False
         for pattern, trainable in table:
             if re.fullmatch(pattern, name):
                 return trainable

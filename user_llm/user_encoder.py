@@ -5,6 +5,11 @@
   dense item-text embedding). *Early fusion* combines the feature embeddings of an interaction
   and runs one causal Transformer; *late fusion* runs one Transformer per feature and fuses the
   outputs. Pretraining predicts the next interaction's features (full or sampled softmax).
+- *Item titles* (``item_text_table``): an item feature's embedding adds a projection of a frozen
+  per-item text vector (e.g. the mean of the LLM's own token embeddings of the item's title, as
+  written by ``python -m user_llm.item_text_table``). The tied next-item head scores through the
+  same projection, so the encoder's states live partly in a space the LLM already reads: an
+  LLM that learns one shared map from it can name items it never saw in phase 2.
 - ``DualEncoder``: a user tower (the same Transformer, pooled at the last interaction) and an
   item tower, trained with in-batch softmax; it yields one user vector.
 
@@ -21,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from user_llm.decoder import DecoderConfig, DecoderLayer, attention_mask
 from user_llm.layers import Array, DenseGeneral, Embed, RMSNorm, constrain
@@ -54,6 +60,9 @@ class UserEncoderConfig:
     predict_features: tuple[str, ...] = ("user_item_ids",)
     # 0: full softmax over a feature's vocabulary; N > 0: N shared uniform negatives.
     sampled_softmax_negatives: int = 0
+    # A .npy [vocabulary size of item_text_feature, D] of frozen per-item text vectors ("": none).
+    item_text_table: str = ""
+    item_text_feature: str = "user_item_ids"
 
     def __post_init__(self) -> None:
         for name in ("categorical_features", "multivalued_features", "dense_features"):
@@ -69,6 +78,11 @@ class UserEncoderConfig:
             )
         if not self.categorical_features + self.multivalued_features + self.dense_features:
             raise ValueError("UserEncoderConfig needs at least one feature")
+        if self.item_text_table and self.item_text_feature not in dict(self.categorical_features):
+            raise ValueError(
+                f"item_text_feature {self.item_text_feature!r} is not a categorical feature "
+                f"(have {[k for k, _ in self.categorical_features]})"
+            )
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -109,12 +123,30 @@ class FeatureEmbedder(nn.Module):
         self.projections = {
             name: DenseGeneral((width,), ("mlp", "embed")) for name, _ in cfg.dense_features
         }
+        if cfg.item_text_table:
+            rows = dict(cfg.categorical_features)[cfg.item_text_feature]
+            # "frozen_": no strategy trains it (strategies.py); the checkpoint keeps a copy.
+            self.item_text = self.param(
+                "frozen_item_text",
+                nn.with_logical_partitioning(
+                    lambda _: jnp.asarray(load_item_text_table(cfg.item_text_table, rows)),
+                    ("vocab", "mlp"),
+                ),
+            )
+            self.item_text_projection = DenseGeneral((width,), ("mlp", "embed"))
+
+    def _item_text(self, ids: Array | None = None) -> Array:
+        """Projected text vectors of ``ids`` (every item when None)."""
+        table = jax.lax.stop_gradient(self.item_text)
+        return self.item_text_projection(table if ids is None else jnp.take(table, ids, axis=0))
 
     def __call__(self, features: Mapping[str, Array]) -> dict[str, Array]:
         cfg = self.config
         out = {}
         for name, _ in cfg.categorical_features:
             out[name] = self.tables[name](features[name])
+            if cfg.item_text_table and name == cfg.item_text_feature:
+                out[name] = out[name] + self._item_text(features[name])
         for name, _ in cfg.multivalued_features:
             ids = features[name]  # [b, L, G], 0 = no value
             valid = (ids > 0).astype(jnp.float32)[..., None]
@@ -125,7 +157,28 @@ class FeatureEmbedder(nn.Module):
         return out
 
     def output_table(self, name: str) -> Array:
-        return self.tables[name].embedding
+        table = self.tables[name].embedding
+        if self.config.item_text_table and name == self.config.item_text_feature:
+            table = table + self._item_text()
+        return table
+
+
+def load_item_text_table(path: str, rows: int) -> np.ndarray:
+    """The [rows, D] float32 table at ``path``; a clear error when it is not one (another
+    dataset's or history length's table has another number of rows)."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"item_text_table {path}: cannot read it as a .npy array: {e}") from e
+    if table.ndim != 2 or table.shape[0] != rows or not np.issubdtype(table.dtype, np.floating):
+        raise ValueError(
+            f"item_text_table {path}: expected a float [{rows}, D] table (one row per id of the "
+            f"item vocabulary), got {table.dtype} {list(table.shape)}; it was built for another "
+            "dataset or history length"
+        )
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"item_text_table {path}: has non-finite values")
+    return table.astype(np.float32)
 
 
 class TransformerStack(nn.Module):

@@ -106,6 +106,12 @@ class Histories:
     # review text for review generation). Depends on the input row order, unlike ``splits``.
     target_rows: dict[str, np.ndarray] | None = None
 
+    def vocabulary_titles(self) -> np.ndarray:
+        """Titles by item-vocabulary id (what ``user_item_ids`` holds); "" for pad and OOV."""
+        tokens = self.vocabularies["item"].tokens[NUM_RESERVED:]
+        index = pd.Index(self.item_ids).get_indexer(np.asarray(tokens))
+        return np.concatenate([np.array(["", ""], dtype=object), self.item_titles[index]])
+
     def items_of_user(self, user_index: int) -> np.ndarray:
         """item_index of every interaction of ``user_index``, oldest first."""
         lo, hi = self.user_offsets[user_index], self.user_offsets[user_index + 1]
