@@ -10,7 +10,10 @@ pytestmark = pytest.mark.slow
 
 def test_title_table_rows_follow_the_item_vocabulary_of_the_real_data(tmp_path):
     from tasks import common as task_common
-    from user_llm import item_text_table
+    from user_llm import (
+        evaluate,  # noqa: F401  (importing both defines no flag twice)
+        item_text_table,
+    )
     from user_llm.import_checkpoint import import_checkpoint, packaged_gguf
 
     llm = import_checkpoint(tmp_path / "smollm2", gguf=packaged_gguf())

@@ -23,10 +23,16 @@ from user_llm import checkpoints
 from user_llm.vocabularies import BPETokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "movielens", "Built-in dataset family (tasks.<dataset>).")
-flags.DEFINE_integer("history_length", 50, "History length of the tasks (fixes the vocabulary).")
-flags.DEFINE_string("llm_checkpoint", None, "An imported LLM (user_llm.import_checkpoint).")
-flags.DEFINE_string("output", None, "The .npy file to write.")
+
+
+def _define_flags() -> None:
+    """Flags only when run as a program: importing ``build_table`` defines none (``--output``
+    is also ``user_llm.evaluate``'s)."""
+    flags.DEFINE_string("dataset", "movielens", "Built-in dataset family (tasks.<dataset>).")
+    flags.DEFINE_integer("history_length", 50, "History length of the tasks (its vocabulary).")
+    flags.DEFINE_string("llm_checkpoint", None, "An imported LLM (user_llm.import_checkpoint).")
+    flags.DEFINE_string("output", None, "The .npy file to write.")
+
 
 EMBEDDING = "token_embedder/embedding"
 
@@ -80,4 +86,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)
