@@ -164,7 +164,10 @@ def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
         lines.append(json.dumps({"task": name, "index": 9, "metrics": {"recall@1_norm": 1}}))
         (tmp_path / f"{v.name}.predictions.jsonl").write_text("\n".join(lines[: 4 + (v is first)]))
         ran[v.name] = {"eval": f"{v.name}.json"}
-    paired = ex.versus_first_system(ran, [first, second, other_length, head], "movielens", tmp_path)
+    old_eval = ex.Variant("D", encoder="late")  # evaluated before predictions files existed
+    ran["D"] = {"eval": "D.json"}
+    variants = [first, second, other_length, head, old_eval]
+    paired = ex.versus_first_system(ran, variants, "movielens", tmp_path)
     assert list(paired) == ["B"]  # another history length reads other examples; one head alone
     diff, low, high = paired["B"]["A (same users)"]["Recall@1"]
     assert diff == pytest.approx(25.0) and low <= diff <= high  # index 9: A alone, not paired

@@ -389,8 +389,11 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) ->
 
 
 def _per_example(path: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """{(task, index): metrics} of an eval's predictions file."""
+    """{(task, index): metrics} of an eval's predictions file ({} for an eval written before
+    evaluations kept one: that system is then not paired)."""
     out = {}
+    if not path.exists():
+        return out
     with open(path) as f:
         for line in f:
             record = json.loads(line)
