@@ -502,3 +502,75 @@ def test_a_wrong_item_title_table_is_named(tmp_path):
         assert name in str(e.value)
     with pytest.raises(ValueError, match="not a categorical feature"):
         dataclasses.replace(ENCODER, item_text_table="t.npy", item_text_feature="user_genres")
+
+
+def _belief_llm(tmp_path, **kw):
+    table = np.random.default_rng(1).normal(size=(NUM_ITEMS, 5)).astype(np.float32)
+    np.save(tmp_path / "titles.npy", table)
+    integration = IntegrationConfig(belief_top_k=3, belief_text_table=str(tmp_path / "titles.npy"))
+    module = UserLLM(tiny_decoder_config(cross_attention_layers=(1,)), ENCODER,
+                     dataclasses.replace(integration, **kw))  # fmt: skip
+    model = UserLLMModel(module, eos_id=1, max_decode_length=4)
+    batch = {**lm_batch(), **user_batch()}
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes, types))["params"]
+    return module, params, table
+
+
+def test_belief_tokens_are_the_titles_of_the_encoder_heads_top_items(tmp_path):
+    from user_llm.integration import belief_scores
+
+    module, params, table = _belief_llm(tmp_path)
+    features = user_batch(lengths=(6, 3))
+    context, mask = module.apply({"params": params}, features, method="encode_user")
+    assert context.shape == (B, L + 3, module.decoder_config.embed_dim)
+    np.testing.assert_array_equal(mask[:, L:], True)
+    np.testing.assert_array_equal(mask[:, :L], features["user_mask"])
+    np.testing.assert_array_equal(params["belief"]["frozen_item_text"], table)
+
+    def scores(p):
+        def f(m):
+            hidden = m.user_encoder(features)
+            return belief_scores(m.user_encoder, hidden, features, ENCODER, "user_item_ids")
+
+        return np.asarray(nn.apply(f, module)({"params": p}))
+
+    s = scores(params)
+    history = np.asarray(features["user_item_ids"] * features["user_mask"])
+    for row in range(B):  # history items, padding and OOV are never recommended
+        assert np.all(np.isneginf(s[row, history[row][history[row] > 0]]))
+        assert np.all(np.isneginf(s[row, :2])) and np.isfinite(s[row, 2:]).sum() > 3
+    top = np.argsort(-s, axis=1)[:, :3]
+
+    def context_with_row(item, value):
+        p = copy.deepcopy(params)
+        p["belief"]["frozen_item_text"] = p["belief"]["frozen_item_text"].at[item].set(value)
+        return module.apply({"params": p}, features, method="encode_user")[0]
+
+    # Another title for user 0's best item changes user 0's first belief token only ...
+    changed = context_with_row(int(top[0, 0]), 10.0)
+    assert not np.allclose(changed[0, L], context[0, L])
+    np.testing.assert_allclose(changed[0, L + 1 :], context[0, L + 1 :], atol=1e-6)
+    np.testing.assert_allclose(changed[:, :L], context[:, :L], atol=1e-6)
+    # ... while a title no user's top 3 holds changes nothing.
+    unused = next(i for i in range(2, NUM_ITEMS) if i not in top)
+    np.testing.assert_allclose(context_with_row(unused, 10.0), context, atol=1e-6)
+    # The table never trains; the belief projection and rank embedding are integration params.
+    mask = strategies.trainable_mask(params, "proj")
+    assert mask["belief"]["frozen_item_text"] is False
+    assert mask["belief"]["rank_embedding"] is True
+    assert mask["belief"]["projector"]["out"]["kernel"] is True
+    assert not any(jax.tree_util.tree_leaves(mask["user_encoder"]))
+
+
+def test_belief_token_configs_that_cannot_work_are_named(tmp_path):
+    with pytest.raises(ValueError, match="needs the AR encoder"):
+        IntegrationConfig(belief_top_k=2, belief_text_table="t.npy", encoder_kind="dual")
+    with pytest.raises(ValueError, match="needs belief_text_table"):
+        IntegrationConfig(belief_top_k=2)
+    with pytest.raises(ValueError, match="'user_ratings' has no next-value head"):
+        _belief_llm(tmp_path, belief_feature="user_ratings")
+    np.save(tmp_path / "short.npy", np.zeros((NUM_ITEMS - 1, 5), np.float32))
+    with pytest.raises(ValueError, match=r"short.npy: expected a float \[50, D\]"):
+        _belief_llm(tmp_path, belief_text_table=str(tmp_path / "short.npy"))

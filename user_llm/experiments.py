@@ -89,6 +89,15 @@ RECIPE_SWEEP = [  # in the order they were run
         bindings=RECIPE,
         steps=450,
     ),
+    # Row 7's encoder ranks the next item far better than its User-LLM: hand the LLM the head's
+    # top-10 items as title vectors (belief tokens).
+    Variant(
+        "recipe with the item-title encoder + belief tokens (Proj), 450 steps",
+        encoder="titles",
+        files=("models/integration/belief_tokens.gin",),
+        bindings=RECIPE,
+        steps=450,
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [

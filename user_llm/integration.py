@@ -5,8 +5,18 @@ the decoder then reads the result either through the gated cross-attention block
 user-context slots (``mode='cross_attention'``, Flamingo-style, an exact identity at step 0)
 or as a soft prompt prepended to the token embeddings (``mode='soft_prompt'``).
 
-Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/`` and ``decoder/`` (the LLM's
-own tree, so a pretrained LLM loads with the assignment map ``('decoder/(.*)', r'\\1')``).
+With ``belief_top_k`` (an extension, not in the paper) the context also gets K *belief tokens*:
+the AR encoder head's K most likely next items (history excluded), each as its frozen title
+vector (``item_text_table.py``: the mean of the LLM's own token embeddings over the title) plus a
+learned rank embedding, projected to the LLM width. Why: the encoder ranks the next item far
+better than User-LLM does (results/phase2_recipe.md); its item-level states leave the LLM to learn
+the map from ~9,700 item ids to titles out of ~1,200 examples, while a title vector lives in the
+LLM's own embedding space, and with tied input/output embeddings a block that copies it into the
+residual stream raises the logits of that title's tokens.
+
+Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/``, ``belief/`` and ``decoder/``
+(the LLM's own tree, so a pretrained LLM loads with the assignment map
+``('decoder/(.*)', r'\\1')``).
 """
 
 from __future__ import annotations
@@ -21,7 +31,13 @@ import jax.numpy as jnp
 from user_llm.decoder import Decoder, DecoderConfig
 from user_llm.layers import Array, DenseGeneral
 from user_llm.perceiver import PerceiverConfig, PerceiverResampler
-from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
+from user_llm.user_encoder import (
+    DualEncoder,
+    UserEncoder,
+    UserEncoderConfig,
+    last_position,
+    load_item_text_table,
+)
 
 MODES = ("cross_attention", "soft_prompt")
 ENCODERS = ("ar", "dual")
@@ -39,12 +55,24 @@ class IntegrationConfig:
     # token embeddings (times a learned scalar starting at 1), so a soft prompt looks like
     # tokens to the frozen LLM instead of ~1/RMS(embeddings) times larger.
     match_token_embedding_scale: bool = False
+    # > 0: append the encoder head's top-k next items as belief tokens (module docstring).
+    belief_top_k: int = 0
+    # The .npy [item vocabulary, D] of frozen title vectors the belief tokens read.
+    belief_text_table: str = ""
+    # The encoder feature whose next-value head ranks the items.
+    belief_feature: str = "user_item_ids"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.encoder_kind not in ENCODERS:
             raise ValueError(f"encoder_kind must be one of {ENCODERS}, got {self.encoder_kind!r}")
+        if self.belief_top_k < 0:
+            raise ValueError(f"belief_top_k must be >= 0, got {self.belief_top_k}")
+        if self.belief_top_k and self.encoder_kind != "ar":
+            raise ValueError("belief_top_k needs the AR encoder (its next-item head ranks items)")
+        if self.belief_top_k and not self.belief_text_table:
+            raise ValueError("belief_top_k > 0 needs belief_text_table (a .npy of title vectors)")
 
 
 def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
@@ -74,6 +102,55 @@ class Projector(nn.Module):
         return (unit * target_rms * scale).astype(y.dtype)
 
 
+class BeliefTokens(nn.Module):
+    """[b, k, out_dim] context slots from item scores [b, V]: the title vectors of the k best
+    items (``-inf`` scores are never picked), plus a learned embedding of their rank.
+
+    The choice of items carries no gradient (top-k is discrete, and the encoder head is the
+    phase-1 encoder's); the projection and rank embedding train with the integration. The table
+    is a ``frozen_`` parameter: no strategy trains it, and the checkpoint keeps a copy.
+    """
+
+    top_k: int
+    text_table: str
+    num_items: int
+    out_dim: int
+    hidden_dim: int = 0
+
+    @nn.compact
+    def __call__(self, item_scores: Array, target_rms: Array | None = None) -> Array:
+        table = self.param(
+            "frozen_item_text",
+            nn.with_logical_partitioning(
+                lambda _: jnp.asarray(load_item_text_table(self.text_table, self.num_items)),
+                ("vocab", "mlp"),
+            ),
+        )
+        _, ids = jax.lax.top_k(jax.lax.stop_gradient(item_scores), self.top_k)
+        vectors = jnp.take(jax.lax.stop_gradient(table), ids, axis=0)  # [b, k, D]
+        rank = self.param(
+            "rank_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "mlp")),
+            (self.top_k, table.shape[-1]),
+        )
+        projector = Projector(self.out_dim, self.hidden_dim, name="projector")
+        return projector(vectors + rank.astype(vectors.dtype), target_rms)
+
+
+def belief_scores(
+    encoder: UserEncoder, hidden: Array, features: Mapping[str, Array], cfg: UserEncoderConfig,
+    feature: str,
+) -> Array:  # fmt: skip
+    """The encoder head's next-``feature`` scores [b, V] after each history; ids already in the
+    history, padding (0) and out-of-vocabulary (1) are ``-inf`` (the next item is a new one)."""
+    mask = features[cfg.mask_feature].astype(bool)
+    scores = encoder.feature_logits(last_position(hidden, mask), feature).astype(jnp.float32)
+    seen = jnp.where(mask, features[feature], 0)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    scores = scores.at[rows, seen].set(-jnp.inf)
+    return scores.at[:, :2].set(-jnp.inf)
+
+
 class UserLLM(nn.Module):
     decoder_config: DecoderConfig
     encoder_config: UserEncoderConfig
@@ -95,6 +172,19 @@ class UserLLM(nn.Module):
         if cfg.use_perceiver:
             self.perceiver = PerceiverResampler(cfg.perceiver)
         self.projector = Projector(self.decoder_config.embed_dim, cfg.projector_hidden_dim)
+        if cfg.belief_top_k:
+            if cfg.belief_feature not in self.encoder_config.predict_features:
+                raise ValueError(
+                    f"belief_feature {cfg.belief_feature!r} has no next-value head in the "
+                    f"encoder (predict_features: {list(self.encoder_config.predict_features)})"
+                )
+            self.belief = BeliefTokens(
+                cfg.belief_top_k,
+                cfg.belief_text_table,
+                self.encoder_config.vocab_sizes[cfg.belief_feature],
+                self.decoder_config.embed_dim,
+                cfg.projector_hidden_dim,
+            )
         self.decoder = Decoder(self.decoder_config)
 
     @property
@@ -107,6 +197,12 @@ class UserLLM(nn.Module):
     ) -> tuple[Array, Array]:
         """(context [b, n, llm_width], context_mask [b, n]) for the decoder."""
         hidden = self.user_encoder(user_features, deterministic)
+        scores = None
+        if self.integration.belief_top_k:
+            scores = belief_scores(
+                self.user_encoder, hidden, user_features, self.encoder_config,
+                self.integration.belief_feature,
+            )  # fmt: skip
         history_mask = user_features[self.encoder_config.mask_feature].astype(bool)
         has_history = jnp.any(history_mask, axis=1, keepdims=True)
         if self.integration.encoder_kind == "ar":
@@ -120,7 +216,15 @@ class UserLLM(nn.Module):
         if self.integration.match_token_embedding_scale:
             table = self.decoder.token_embedder.embedding.astype(jnp.float32)
             target_rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(table))))
-        return self.projector(hidden, target_rms), mask
+        context = self.projector(hidden, target_rms)
+        if scores is None:
+            return context, mask
+        beliefs = self.belief(scores, target_rms).astype(context.dtype)
+        belief_mask = jnp.broadcast_to(has_history, beliefs.shape[:2])
+        return (
+            jnp.concatenate([context, beliefs], axis=1),
+            jnp.concatenate([mask, belief_mask], axis=1),
+        )
 
     def __call__(
         self,
