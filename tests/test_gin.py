@@ -188,12 +188,32 @@ def test_includes_log_no_spurious_path_not_found_errors():
         ("user_llm.generate", "--max_decode_length"),
         ("user_llm.main_job", "--eval_examples"),
         ("user_llm.item_text_table", "--llm_checkpoint"),
+        ("user_llm.encoder_eval", "--split"),
+        ("user_llm.import_checkpoint", "--gguf"),
+        ("user_llm.probe", "--probe_steps"),
     ],
 )
 def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):
     proc = run_module(["-m", module, "--help"], check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert flag in proc.stdout and "tensor_tracer" not in proc.stdout
+    assert "--gin_file" in proc.stdout and "--num_processes" in proc.stdout  # the project's
+
+
+ENTRY_POINTS = ("train", "evaluate", "encoder_eval", "generate", "main_job", "import_checkpoint",
+                "item_text_table", "probe", "gin_utils", "distributed")  # fmt: skip
+
+
+def test_importing_every_entry_point_in_one_process_defines_no_flag():
+    """Flags live in entry points: a library (or a notebook) imports them all side by side."""
+    code = (
+        "import importlib; from absl import flags; "
+        f"[importlib.import_module('user_llm.' + m) for m in {ENTRY_POINTS!r}]; "
+        "ours = [m for m, f in flags.FLAGS.flags_by_module_dict().items() "
+        "if f and m.startswith('user_llm')]; print('defined by', ours)"
+    )
+    proc = run_module(["-c", code], check=False, timeout=300)
+    assert "defined by []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def test_module_import_registers_your_own_configurables_before_gin(tmp_path):

@@ -28,11 +28,18 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs); env fallback."
-)
-flags.DEFINE_integer("num_processes", None, "Number of processes in the job; env fallback.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+def define_flags() -> None:
+    """The process flags (``gin_utils.run_main`` defines them for every entry point, so that
+    importing this module defines none); a second call does nothing."""
+    if "coordinator_address" in flags.FLAGS:
+        return
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (multi-process runs); env fallback."
+    )
+    flags.DEFINE_integer("num_processes", None, "Number of processes in the job; env fallback.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
 
 ENV_COORDINATOR = "USER_LLM_COORDINATOR"
 ENV_NUM_PROCESSES = "USER_LLM_NUM_PROCESSES"

@@ -25,8 +25,12 @@ from user_llm.data import pipeline
 from user_llm.user_encoder import split_last_interaction
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("split", "test", "Split to evaluate (its last interaction is the target).")
-flags.DEFINE_integer("k", 10, "Cut-off for Recall@k and NDCG@k.")
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("split", "test", "Split to evaluate (its last interaction is the target).")
+    flags.DEFINE_integer("k", 10, "Cut-off for Recall@k and NDCG@k.")
 
 
 def _batches(cfg: pipeline.DatasetConfig, split: str):
@@ -95,4 +99,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)

@@ -61,28 +61,33 @@ from user_llm.data import pipeline
 from user_llm.models import packed_candidate_width
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", [], "Registered User-LLM tasks to evaluate.")
-flags.DEFINE_string("split", "test", "Split to evaluate.")
-flags.DEFINE_integer("num_examples", 0, "First N examples of the split (0: all).")
-flags.DEFINE_integer("batch_size", 8, "Examples per model call.")
-flags.DEFINE_string("checkpoint_dir", "", "Parameters to evaluate (default: MODEL_DIR).")
-flags.DEFINE_string(
-    "output",
-    "",
-    "Write the metrics as JSON here, and every example's target, answer and metrics (real and "
-    "per control) beside it as <name>.predictions.jsonl.",
-)
-flags.DEFINE_enum(
-    "candidates",
-    "popularity",
-    ["popularity", "uniform"],
-    "Next-item candidate set: negatives sampled by popularity or uniformly.",
-)
-flags.DEFINE_list(
-    "controls",
-    ["shuffled_user", "no_user"],
-    "Controls evaluated for models that read user_* arrays (empty: none).",
-)
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_list("tasks", [], "Registered User-LLM tasks to evaluate.")
+    flags.DEFINE_string("split", "test", "Split to evaluate.")
+    flags.DEFINE_integer("num_examples", 0, "First N examples of the split (0: all).")
+    flags.DEFINE_integer("batch_size", 8, "Examples per model call.")
+    flags.DEFINE_string("checkpoint_dir", "", "Parameters to evaluate (default: MODEL_DIR).")
+    flags.DEFINE_string(
+        "output",
+        "",
+        "Write the metrics as JSON here, and every example's target, answer and metrics (real and "
+        "per control) beside it as <name>.predictions.jsonl.",
+    )
+    flags.DEFINE_enum(
+        "candidates",
+        "popularity",
+        ["popularity", "uniform"],
+        "Next-item candidate set: negatives sampled by popularity or uniformly.",
+    )
+    flags.DEFINE_list(
+        "controls",
+        ["shuffled_user", "no_user"],
+        "Controls evaluated for models that read user_* arrays (empty: none).",
+    )
+
 
 CANDIDATE_KEYS = ("candidate_item_index", "candidate_item_ids", "candidate_label")
 CONTROLS = ("shuffled_user", "no_user")
@@ -730,4 +735,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)

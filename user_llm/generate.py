@@ -45,22 +45,27 @@ from user_llm.convert.common import config_from_dict, load_config
 from user_llm.decoder import Decoder, DecoderConfig, init_cache
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Imported checkpoint dir (or a training model_dir).")
-flags.DEFINE_string("config", None, "Dir with config.json + tokenizer (default: --checkpoint).")
-flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
-flags.DEFINE_integer("max_decode_length", 64, "Maximum number of new tokens.")
-flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn of the chat template.")
-flags.DEFINE_string("system_prompt", None, "System message for --chat (default: the model's).")
-flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
-flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("show_ids", False, "Also print the generated token ids.")
-flags.DEFINE_string("task", None, "With --gin_file: the task whose example is answered.")
-flags.DEFINE_string("example_split", "test", "With --task: the split of the example.")
-flags.DEFINE_integer("example_index", 0, "With --task: the example's index in the split.")
-flags.DEFINE_string(
-    "tp_checkpoint", None, "With --task: an imported LLM that answers the text-prompt twin."
-)
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("checkpoint", None, "Imported checkpoint dir (or a training model_dir).")
+    flags.DEFINE_string("config", None, "Dir with config.json + tokenizer (default: --checkpoint).")
+    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
+    flags.DEFINE_integer("max_decode_length", 64, "Maximum number of new tokens.")
+    flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn of the chat template.")
+    flags.DEFINE_string("system_prompt", None, "System message for --chat (default: the model's).")
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling temperature.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_bool("show_ids", False, "Also print the generated token ids.")
+    flags.DEFINE_string("task", None, "With --gin_file: the task whose example is answered.")
+    flags.DEFINE_string("example_split", "test", "With --task: the split of the example.")
+    flags.DEFINE_integer("example_index", 0, "With --task: the example's index in the split.")
+    flags.DEFINE_string(
+        "tp_checkpoint", None, "With --task: an imported LLM that answers the text-prompt twin."
+    )
+
 
 _PROMPT_BUCKET = 16  # pad prompt lengths to a multiple of this to reuse compilations
 
@@ -260,4 +265,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)

@@ -52,15 +52,28 @@ def _guard_gin_package_reader() -> None:
 _guard_gin_package_reader()
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin files to compose, in order.")
-flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings (also: --gin.NAME=VALUE).")
-flags.DEFINE_list("gin_search_paths", [], "Extra folders to look gin files up in.")
-flags.DEFINE_multi_string(
-    "module_import",
-    [],
-    "Python modules to import before gin is parsed, e.g. your own tasks (T5X's flag); they "
-    "must be importable (PYTHONPATH or an installed package).",
-)
+
+
+def define_project_flags() -> None:
+    """The flags every entry point shares (gin files and bindings, ``--module_import``, and
+    ``distributed``'s process flags). ``run_main`` defines them, so that importing a module
+    defines no flag; a second call does nothing."""
+    from user_llm import distributed
+
+    distributed.define_flags()
+    if "gin_file" in FLAGS:
+        return
+    flags.DEFINE_multi_string("gin_file", [], "Gin files to compose, in order.")
+    flags.DEFINE_multi_string(
+        "gin_bindings", [], "Individual gin bindings (also: --gin.NAME=VALUE)."
+    )
+    flags.DEFINE_list("gin_search_paths", [], "Extra folders to look gin files up in.")
+    flags.DEFINE_multi_string(
+        "module_import",
+        [],
+        "Python modules to import before gin is parsed, e.g. your own tasks (T5X's flag); they "
+        "must be importable (PYTHONPATH or an installed package).",
+    )
 
 
 class GinConfigError(errors.UserLLMError, ValueError):
@@ -277,6 +290,7 @@ def quiet_library_logs() -> None:
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
+    define_project_flags()
     sys.argv = rewrite_gin_args(sys.argv)
     if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
         print(entry_point_help())

