@@ -191,6 +191,7 @@ def test_includes_log_no_spurious_path_not_found_errors():
         ("user_llm.encoder_eval", "--split"),
         ("user_llm.import_checkpoint", "--gguf"),
         ("user_llm.probe", "--probe_steps"),
+        ("user_llm.experiments", "--rows"),
     ],
 )
 def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):
@@ -201,7 +202,7 @@ def test_help_exits_0_and_lists_the_entry_points_flags(module, flag):
 
 
 ENTRY_POINTS = ("train", "evaluate", "encoder_eval", "generate", "main_job", "import_checkpoint",
-                "item_text_table", "probe", "gin_utils", "distributed")  # fmt: skip
+                "item_text_table", "probe", "experiments", "gin_utils", "distributed")  # fmt: skip
 
 
 def test_importing_every_entry_point_in_one_process_defines_no_flag():

@@ -599,50 +599,47 @@ def select_rows(variants: Sequence[Variant], rows: str) -> list[Variant]:
     return [v for i, v in enumerate(variants, 1) if i in wanted]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    from absl import flags
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--study", required=True, choices=sorted(STUDIES))
-    parser.add_argument("--dataset", default="movielens", choices=sorted(FAVORITE))
-    parser.add_argument("--model_dir", required=True)
-    parser.add_argument("--steps", type=int, default=Budget.steps)
-    parser.add_argument("--encoder_steps", type=int, default=Budget.encoder_steps)
-    parser.add_argument("--eval_examples", type=int, default=Budget.eval_examples)
-    parser.add_argument("--seed", type=int, default=Budget.seed)
-    parser.add_argument(
-        "--controls",
-        default=",".join(Budget.controls),
-        help="controls evaluated for User-LLM systems (comma-separated)",
+    flags.DEFINE_enum("study", None, sorted(STUDIES), "The study to run.", required=True)
+    flags.DEFINE_enum("dataset", "movielens", sorted(FAVORITE), "Dataset family.")
+    flags.DEFINE_string("model_dir", None, "Where every stage writes its output.", required=True)
+    flags.DEFINE_integer("steps", Budget.steps, "Phase-2 / LoRA steps (a row may set its own).")
+    flags.DEFINE_integer("encoder_steps", Budget.encoder_steps, "Phase-1 steps.")
+    flags.DEFINE_integer("eval_examples", Budget.eval_examples, "Test users per LLM system.")
+    flags.DEFINE_integer("seed", Budget.seed, "Seed of every training stage.")
+    flags.DEFINE_list("controls", list(Budget.controls), "Controls evaluated for User-LLM systems.")
+    flags.DEFINE_string(
+        "results_dir",
+        "",
+        "Where the .md/.json/.png go (default: MODEL_DIR/results; pass results/ to update the "
+        "repository's committed results).",
     )
-    parser.add_argument(
-        "--module_import",
-        action="append",
-        default=[],
-        help="module each train/eval stage imports first (your own tasks); repeatable",
+    flags.DEFINE_string("name", "", "Results file name (default STUDY_DATASET).")
+    flags.DEFINE_string(
+        "rows",
+        "",
+        "Run and report only these rows of the study (1-based, comma-separated, e.g. 1,3).",
     )
-    parser.add_argument(
-        "--results_dir",
-        default="",
-        help="where the .md/.json/.png go (default: MODEL_DIR/results; pass results/ to update "
-        "the repository's committed results)",
-    )
-    parser.add_argument("--name", default="", help="results file name (default STUDY_DATASET)")
-    parser.add_argument(
-        "--rows",
-        default="",
-        help="run and report only these rows of the study (1-based, comma-separated, e.g. 1,3)",
-    )
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
     variants = select_rows(STUDIES[args.study], args.rows)
-    controls = tuple(c for c in args.controls.split(",") if c)
+    controls = tuple(c for c in args.controls if c)
     budget = Budget(
         args.encoder_steps,
         args.steps,
         args.eval_examples,
         args.seed,
         controls,
-        module_imports=tuple(args.module_import),
+        module_imports=tuple(args.module_import),  # the project flag: every stage imports it
     )
     root = Path(args.model_dir).resolve() / args.dataset
     start = time.time()
@@ -653,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.study} study, {args.dataset}, SmolLM2-135M"
     plot(tables["rows"], out / f"{name}.png", title)
-    command = " ".join(["python -m user_llm.experiments", *(argv or sys.argv[1:])])
+    command = " ".join(["python -m user_llm.experiments", *sys.argv[1:]])
     text = "\n".join([
         f"# {title}", "",
         f"Command: `{command}`  ",
@@ -676,4 +673,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from user_llm import gin_utils
+
+    _define_flags()
+    gin_utils.run_main(main)
