@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from user_llm import errors
 
@@ -363,21 +364,12 @@ class Checkpointer:
 
 def flatten(tree: Any) -> dict[str, Any]:
     """{'a/b/c': leaf} with '/'-joined dictionary keys."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return flat
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, leaf in flat.items():
-        node = tree
-        *parents, last = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
+    """The nested dictionaries of a ``flatten`` result."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def read_params(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -82,15 +83,9 @@ def import_checkpoint(
         source=source,
         context_length=context_length if isinstance(context_length, int) else None,
     )
-    n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     logging.info("Wrote %s: %s, %.1fM parameters", out, arch, n / 1e6)
     return out
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return [leaf for v in tree.values() for leaf in _leaves(v)]
-    return [tree]
 
 
 def main(argv: list[str]) -> None:
