@@ -582,3 +582,20 @@ def test_belief_token_configs_that_cannot_work_are_named(tmp_path):
     np.save(tmp_path / "short.npy", np.zeros((NUM_ITEMS - 1, 5), np.float32))
     with pytest.raises(ValueError, match=r"short.npy: expected a float \[50, D\]"):
         _belief_llm(tmp_path, belief_text_table=str(tmp_path / "short.npy"))
+
+
+def test_every_model_wrapper_is_a_trainable_model():
+    """The train loop's contract (``models.TrainableModel``) holds for every wrapper kind."""
+    from user_llm.models import DecoderOnlyModel, TrainableModel
+
+    wrappers = [
+        DecoderOnlyModel(Decoder(tiny_decoder_config())),
+        build("xattn_ar_early")[0],
+        ARUserEncoderModel(UserEncoder(ENCODER)),
+        DualUserEncoderModel(DualEncoder(ENCODER)),
+    ]
+    for model in wrappers:
+        assert isinstance(model, TrainableModel), type(model).__name__
+    assert not isinstance(object(), TrainableModel)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DualUserEncoderModel(DualEncoder(ENCODER), temperature=0.0)

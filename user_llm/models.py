@@ -11,7 +11,7 @@ Subclasses (User-LLM) add inputs to the module through ``module_inputs``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -25,6 +25,38 @@ from user_llm.decoder import Decoder, init_cache
 Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """What ``user_llm.train`` and ``train_step`` need of a model, whatever it is (T5X's
+    ``BaseModel``, trimmed): the decoder LMs, User-LLM and the phase-1 encoders all satisfy it.
+    Evaluation needs more of each kind (``score_candidates`` / ``predict_batch`` of an LLM,
+    ``score_next_items`` of an encoder)."""
+
+    module: nn.Module
+
+    def loss_terms(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """(summed loss, summed weight, summed metrics): sums, so accumulation is exact."""
+        ...
+
+    def loss_fn(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """(mean loss, metrics) of one batch."""
+        ...
+
+    def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
+        """Scalars to log next to the loss (gates, norms); {} when there are none."""
+        ...
+
+    def get_initial_variables(
+        self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]], input_types: Any = None
+    ) -> Any:
+        """Every variable of ``module`` (boxed with their logical axes) for these inputs."""
+        ...
 
 
 def cross_entropy_terms(
