@@ -82,8 +82,3 @@ def popularity_scores(train_item_ids: Sequence[np.ndarray], num_items: int) -> n
         np.add.at(counts, ids[ids > 0], 1.0)
     counts[0] = -np.inf
     return counts
-
-
-def format_ci(name: str, values: np.ndarray) -> str:
-    point, low, high = bootstrap_ci(values)
-    return f"{name} = {point:.4f} [95% CI {low:.4f}, {high:.4f}] (n={len(values)})"
