@@ -5,6 +5,7 @@ Pure numpy: usable from eval scripts, SeqIO metric functions and tests alike.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -82,3 +83,20 @@ def popularity_scores(train_item_ids: Sequence[np.ndarray], num_items: int) -> n
         np.add.at(counts, ids[ids > 0], 1.0)
     counts[0] = -np.inf
     return counts
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, punctuation and extra spaces removed: how answers are compared."""
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """Per-example exact match after lower-casing and stripping punctuation."""
+    pairs = zip(targets, predictions, strict=True)
+    return np.array([normalize_answer(t) == normalize_answer(p) for t, p in pairs], dtype=bool)
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Recall@1 by exact match (the SeqIO metric function of the tasks)."""
+    hits = exact_matches(targets, predictions)
+    return {"exact_match": 100.0 * float(np.mean(hits)) if hits.size else 0.0}
