@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from user_llm import errors
+from user_llm import errors, metrics
 from user_llm.data import features as F
 from user_llm.data.histories import Histories, HistoryConfig
 from user_llm.data.task_data import TaskData, build_task_data
@@ -215,23 +214,6 @@ def task_name(dataset: str, task: str, form: str | None, history_length: int, su
     return "_".join(parts) + suffix
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-cased, punctuation and extra spaces removed: how answers are compared."""
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
-
-
-def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
-    """Per-example exact match after lower-casing and stripping punctuation."""
-    pairs = zip(targets, predictions, strict=True)
-    return np.array([normalize_answer(t) == normalize_answer(p) for t, p in pairs], dtype=bool)
-
-
-def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Recall@1 by exact match (the SeqIO metric function of the tasks)."""
-    hits = exact_matches(targets, predictions)
-    return {"exact_match": 100.0 * float(np.mean(hits)) if hits.size else 0.0}
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
     """What a registered task name stands for (evaluation looks up titles and genres here)."""
@@ -366,7 +348,9 @@ def register_family(
                     source=data_source,
                     preprocessors=preprocessors,
                     output_features=output_features,
-                    metric_fns=[exact_match] if task in ("next_item", "favorite_genre") else [],
+                    metric_fns=[metrics.exact_match]
+                    if task in ("next_item", "favorite_genre")
+                    else [],
                 )
     return names
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from user_llm import evaluate
+from user_llm import evaluate, metrics
 
 
 def test_ranking_metrics_rank_the_labelled_candidate_among_valid_ones():
@@ -30,7 +30,7 @@ def test_candidate_tokens_end_with_eos_truncate_and_leave_missing_candidates_emp
 
 
 def test_exact_match_ignores_case_punctuation_and_spacing():
-    got = evaluate.exact_matches(
+    got = metrics.exact_matches(
         ["Toy Story (1995)", "Heat (1995)", "Drama"], ["toy story 1995", "Heat (1996)", " drama."]
     )
     assert got.tolist() == [True, False, True]

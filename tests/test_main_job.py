@@ -24,7 +24,10 @@ def test_every_study_stage_names_existing_gin_files_and_registered_tasks(study, 
 
     names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     for v in ex.STUDIES[study]:
-        for name, args, done in ex.stages(v, dataset, tmp_path, ex.Budget()):
+        plan = ex.stages(v, dataset, tmp_path, ex.Budget())
+        assert plan[0].name == "import_llm" and plan[0].shared and not plan[-1].shared
+        for stage in plan:
+            name, args, done = stage.name, stage.args, stage.done
             assert str(done).startswith(str(tmp_path)), (name, done)
             files = [a.split("=", 1)[1] for a in args if a.startswith("--gin_file=")]
             bindings = [a[len("--gin.") :] for a in args if a.startswith("--gin.")]
@@ -108,13 +111,13 @@ def test_a_different_budget_never_reuses_another_budgets_folders(tmp_path):
         dataclasses.replace(ex.Budget(), eval_examples=128),
     ):
         plan = ex.stages(v, "movielens", tmp_path, changed)
-        assert plan[-1][2] != default[-1][2], changed  # the eval JSON
+        assert plan[-1].done != default[-1].done, changed  # the eval JSON
         if changed.eval_examples == ex.Budget().eval_examples:
-            assert plan[-2][2].parent.parent != default[-2][2].parent.parent, changed
+            assert plan[-2].done.parent.parent != default[-2].done.parent.parent, changed
     longer = ex.stages(dataclasses.replace(v, steps=450), "movielens", tmp_path, ex.Budget())
-    assert longer[-2][2] == ex.stages(v, "movielens", tmp_path, ex.Budget(steps=450))[-2][2]
-    assert "--gin.TRAIN_STEPS=450" in longer[-2][1]
-    assert default[-2][2].parent.parent.name == ex.run_name(v)  # defaults: names unchanged
+    assert longer[-2].done == ex.stages(v, "movielens", tmp_path, ex.Budget(steps=450))[-2].done
+    assert "--gin.TRAIN_STEPS=450" in longer[-2].args
+    assert default[-2].done.parent.parent.name == ex.run_name(v)  # defaults: names unchanged
 
 
 def test_a_rerun_study_keeps_the_hand_written_notes(tmp_path):
@@ -143,11 +146,11 @@ def test_commands_section_lines_run_as_pasted_in_a_shell(tmp_path):
     text = ex.commands_section([ex.XATTN], "movielens", root, ex.Budget(), "runs/exp/movielens")
     lines = [ln.strip().strip("`") for ln in text.splitlines() if ln.strip().startswith("`")]
     stages = ex.stages(ex.XATTN, "movielens", root, ex.Budget())
-    stages = [s for s in stages if s[0] != "import_llm"]
-    assert len(lines) == len(stages) - 1 > 0
-    for line, (_, args, _) in zip(lines, stages[1:], strict=True):
+    stages = [s for s in stages if s.name != "import_llm"]  # the encoder, the run, the eval
+    assert len(lines) == len(stages) == 3
+    for line, stage in zip(lines, stages, strict=True):
         # What a shell hands the program is the stage's own argument list (quotes included).
-        want = [a.replace(str(root), "runs/exp/movielens") for a in args]
+        want = [a.replace(str(root), "runs/exp/movielens") for a in stage.args]
         assert shlex.split(line) == ["python", *want], line
 
 

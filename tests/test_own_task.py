@@ -20,6 +20,7 @@ MODULE = textwrap.dedent(
     import tensorflow as tf
 
     from tasks import common, movielens
+    from user_llm import metrics
     from user_llm.data import features
 
     HISTORY_LENGTH = 20
@@ -56,7 +57,7 @@ MODULE = textwrap.dedent(
             "targets": seqio.Feature(vocabulary, add_eos=True),
             **common.user_output_features(),
         },
-        metric_fns=[common.exact_match, answer_rates],
+        metric_fns=[metrics.exact_match, answer_rates],
     )
     '''
 )

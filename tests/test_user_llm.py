@@ -18,7 +18,12 @@ from conftest import REPO_ROOT, tiny_decoder_config
 from user_llm import lora, models, strategies
 from user_llm.decoder import Decoder
 from user_llm.integration import IntegrationConfig, UserLLM
-from user_llm.models import UserEncoderModel, UserLLMModel, param_shapes_and_axes
+from user_llm.models import (
+    ARUserEncoderModel,
+    DualUserEncoderModel,
+    UserLLMModel,
+    param_shapes_and_axes,
+)
 from user_llm.perceiver import PerceiverConfig, PerceiverResampler
 from user_llm.train_step import make_train_step
 from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
@@ -324,8 +329,11 @@ def test_cached_decoding_matches_uncached_greedy(variant):
 
 
 def test_encoder_pretraining_losses_fall_and_scores_rank_items():
-    for module in (UserEncoder(ENCODER), DualEncoder(ENCODER)):
-        model = UserEncoderModel(module)
+    for model in (
+        ARUserEncoderModel(UserEncoder(ENCODER)),
+        DualUserEncoderModel(DualEncoder(ENCODER)),
+    ):
+        module = model.module
         batch = user_batch(seed=3, lengths=(6, 5))
         shapes = {k: v.shape for k, v in batch.items()}
         params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
@@ -345,7 +353,7 @@ def test_sampled_softmax_option_trains():
     cfg = dataclasses.replace(
         ENCODER, sampled_softmax_negatives=8, predict_features=("user_item_ids",)
     )
-    model = UserEncoderModel(UserEncoder(cfg))
+    model = ARUserEncoderModel(UserEncoder(cfg))
     batch = user_batch(seed=4)
     params = nn.unbox(
         model.get_initial_variables(jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()})
@@ -459,7 +467,7 @@ def test_item_title_vectors_stay_frozen_and_shape_the_next_item_scores(tmp_path)
     table[:2] = 0.0  # pad and OOV
     np.save(tmp_path / "titles.npy", table)
     cfg = dataclasses.replace(ENCODER, item_text_table=str(tmp_path / "titles.npy"))
-    model = UserEncoderModel(UserEncoder(cfg))
+    model = ARUserEncoderModel(UserEncoder(cfg))
     batch = user_batch(seed=3, lengths=(6, 5))
     shapes = {k: v.shape for k, v in batch.items()}
     params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
@@ -496,7 +504,7 @@ def test_a_wrong_item_title_table_is_named(tmp_path):
         cfg = dataclasses.replace(ENCODER, item_text_table=str(tmp_path / name))
         batch = user_batch()
         with pytest.raises(ValueError, match=match) as e:
-            UserEncoderModel(UserEncoder(cfg)).get_initial_variables(
+            ARUserEncoderModel(UserEncoder(cfg)).get_initial_variables(
                 jax.random.PRNGKey(0), {k: v.shape for k, v in batch.items()}
             )
         assert name in str(e.value)
@@ -574,3 +582,20 @@ def test_belief_token_configs_that_cannot_work_are_named(tmp_path):
     np.save(tmp_path / "short.npy", np.zeros((NUM_ITEMS - 1, 5), np.float32))
     with pytest.raises(ValueError, match=r"short.npy: expected a float \[50, D\]"):
         _belief_llm(tmp_path, belief_text_table=str(tmp_path / "short.npy"))
+
+
+def test_every_model_wrapper_is_a_trainable_model():
+    """The train loop's contract (``models.TrainableModel``) holds for every wrapper kind."""
+    from user_llm.models import DecoderOnlyModel, TrainableModel
+
+    wrappers = [
+        DecoderOnlyModel(Decoder(tiny_decoder_config())),
+        build("xattn_ar_early")[0],
+        ARUserEncoderModel(UserEncoder(ENCODER)),
+        DualUserEncoderModel(DualEncoder(ENCODER)),
+    ]
+    for model in wrappers:
+        assert isinstance(model, TrainableModel), type(model).__name__
+    assert not isinstance(object(), TrainableModel)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DualUserEncoderModel(DualEncoder(ENCODER), temperature=0.0)

@@ -177,13 +177,6 @@ def candidate_tokens(
     return out
 
 
-def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
-    """Per-example exact match after lower-casing and stripping punctuation (the tasks' rule)."""
-    from tasks.common import exact_matches as task_exact_matches
-
-    return task_exact_matches(targets, predictions)
-
-
 def _sentences(text: str) -> str:
     return "\n".join(text.replace(". ", ".\n").splitlines())
 
@@ -349,9 +342,9 @@ class _LLMScorer:
             tokens = np.asarray(self.predict(self.params, batch))
         generated = [self.vocab.decode(row.tolist()) for row in tokens[:n]]
         if self.info.task == "next_item":
-            out["recall@1_generated"] = exact_matches(targets, generated)
+            out["recall@1_generated"] = metrics.exact_matches(targets, generated)
         elif self.info.task == "favorite_genre":
-            out["accuracy"] = exact_matches(targets, generated)
+            out["accuracy"] = metrics.exact_matches(targets, generated)
         elif self.info.task == "review_gen":
             out["rouge_lsum"] = rouge_lsum(targets, generated)
         return out, targets, generated
@@ -359,10 +352,8 @@ class _LLMScorer:
 
 def _answer_index(names: np.ndarray, targets: Sequence[str]) -> np.ndarray:
     """Index of each target among the answer names (-1 where it is not one of them)."""
-    from tasks.common import normalize_answer
-
-    lookup = {normalize_answer(str(a)): i for i, a in enumerate(names)}
-    return np.array([lookup.get(normalize_answer(t), -1) for t in targets], np.int64)
+    lookup = {metrics.normalize_answer(str(a)): i for i, a in enumerate(names)}
+    return np.array([lookup.get(metrics.normalize_answer(t), -1) for t in targets], np.int64)
 
 
 def _run_llm(scorer: _LLMScorer, examples, batch_size: int, log, label: str):
@@ -617,7 +608,7 @@ def rules_on_the_same_examples(
         return {"Popularity": {"paired_diff": paired_differences(real, per)}}
     if kind == "favorite_genre":
         majority = majority_answer(task)
-        hit = exact_matches(targets, [majority] * len(targets))
+        hit = metrics.exact_matches(targets, [majority] * len(targets))
         per = {k: hit for k in ("accuracy", "accuracy_ranked", "accuracy_ranked_norm")}
         rule = f"Majority {info.family.text.genre_noun} ({majority})"
         return {rule: {"paired_diff": paired_differences(real, per)}}

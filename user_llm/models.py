@@ -11,7 +11,7 @@ Subclasses (User-LLM) add inputs to the module through ``module_inputs``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -19,11 +19,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from user_llm import decoding
+from user_llm import user_encoder as ue
 from user_llm.decoder import Decoder, init_cache
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """What ``user_llm.train`` and ``train_step`` need of a model, whatever it is (T5X's
+    ``BaseModel``, trimmed): the decoder LMs, User-LLM and the phase-1 encoders all satisfy it.
+    Evaluation needs more of each kind (``score_candidates`` / ``predict_batch`` of an LLM,
+    ``score_next_items`` of an encoder)."""
+
+    module: nn.Module
+
+    def loss_terms(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """(summed loss, summed weight, summed metrics): sums, so accumulation is exact."""
+        ...
+
+    def loss_fn(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, dict[str, Array]]:
+        """(mean loss, metrics) of one batch."""
+        ...
+
+    def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
+        """Scalars to log next to the loss (gates, norms); {} when there are none."""
+        ...
+
+    def get_initial_variables(
+        self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]], input_types: Any = None
+    ) -> Any:
+        """Every variable of ``module`` (boxed with their logical axes) for these inputs."""
+        ...
 
 
 def cross_entropy_terms(
@@ -455,7 +488,8 @@ class UserLLMModel(DecoderOnlyModel):
 
 
 class UserEncoderModel:
-    """Phase 1: next-interaction pretraining of a ``UserEncoder`` (or a ``DualEncoder``).
+    """Phase 1: next-interaction pretraining of a user encoder. ``ARUserEncoderModel`` and
+    ``DualUserEncoderModel`` are the two kinds; this base holds what they share.
 
     Same interface as the LM wrappers (``loss_terms``, ``loss_fn``, ``get_initial_variables``)
     so ``user_llm.train`` trains it unchanged; ``score_next_items`` ranks items for eval.
@@ -464,27 +498,20 @@ class UserEncoderModel:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    @property
-    def is_dual(self) -> bool:
-        from user_llm.user_encoder import DualEncoder
-
-        return isinstance(self.module, DualEncoder)
-
     def loss_terms(
         self, params: Params, batch: Batch, dropout_rng: Array | None
     ) -> tuple[Array, Array, dict[str, Array]]:
-        from user_llm import user_encoder as ue
+        raise NotImplementedError
 
-        features = user_features(batch)
-        if self.is_dual:
-            return self.module.apply({"params": params}, features, method=_dual_loss)
-        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    def score_next_items(
+        self, params: Params, batch: Batch, item_feature: str = "user_item_ids"
+    ) -> Array:
+        """Scores [b, num_items] for the item after each row's last interaction."""
+        raise NotImplementedError
 
-        def loss(module, features):
-            hidden = module(features, deterministic=dropout_rng is None)
-            return ue.next_feature_loss(module, hidden, features, dropout_rng)
-
-        return self.module.apply({"params": params}, features, rngs=rngs, method=loss)
+    def _touch_all_parameters(self, module: nn.Module, features: Batch) -> Any:
+        """Runs every submodule once (``__call__`` alone leaves some uninitialized)."""
+        raise NotImplementedError
 
     def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
         del params, batch
@@ -495,61 +522,77 @@ class UserEncoderModel:
         denom = jnp.maximum(weight, 1.0)
         return loss / denom, {"loss": loss / denom, "accuracy": metrics["correct_sum"] / denom}
 
-    def score_next_items(
-        self, params: Params, batch: Batch, item_feature: str = "user_item_ids"
-    ) -> Array:
-        """Scores [b, num_items] for the item after each row's last interaction."""
-        from user_llm import user_encoder as ue
+    def get_initial_variables(self, rng, input_shapes, input_types=None):
+        input_types = input_types or {}
+        dummy = {k: jnp.zeros(s, input_types.get(k, jnp.int32)) for k, s in input_shapes.items()}
+        return self.module.init(
+            {"params": rng, "dropout": rng}, user_features(dummy), method=self._touch_all_parameters
+        )
 
+
+class ARUserEncoderModel(UserEncoderModel):
+    """An autoregressive ``UserEncoder``: each position predicts the next interaction's
+    features (``user_encoder.next_feature_loss``); items are scored by its next-item head."""
+
+    def loss_terms(self, params, batch, dropout_rng):
         features = user_features(batch)
-        if self.is_dual:
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
 
-            def score(module, features):
-                user = module.user_vector(features)
-                table = module.item_vector(jnp.arange(module.item_table.num_embeddings))
-                return user @ table.T
+        def loss(module, features):
+            hidden = module(features, deterministic=dropout_rng is None)
+            return ue.next_feature_loss(module, hidden, features, dropout_rng)
 
-            return self.module.apply({"params": params}, features, method=score)
+        return self.module.apply({"params": params}, features, rngs=rngs, method=loss)
 
+    def score_next_items(self, params, batch, item_feature="user_item_ids"):
         def score(module, features):
             hidden = module(features)
             last = ue.last_position(hidden, features[module.config.mask_feature])
             return module.feature_logits(last, item_feature)
 
-        return self.module.apply({"params": params}, features, method=score)
+        return self.module.apply({"params": params}, user_features(batch), method=score)
 
-    def get_initial_variables(self, rng, input_shapes, input_types=None):
-        input_types = input_types or {}
-        dummy = {k: jnp.zeros(s, input_types.get(k, jnp.int32)) for k, s in input_shapes.items()}
-        return self.module.init(
-            {"params": rng, "dropout": rng}, user_features(dummy), method=_touch_all_parameters
-        )
+    def _touch_all_parameters(self, module, features):
+        hidden = module(features)  # the pretraining heads are not used by ``__call__``
+        return [module.feature_logits(hidden, name) for name in module.config.predict_features]
 
 
-def _touch_all_parameters(module, features):
-    """Runs every submodule once (the pretraining heads are not used by ``__call__``)."""
-    from user_llm.user_encoder import DualEncoder
+class DualUserEncoderModel(UserEncoderModel):
+    """A ``DualEncoder``: in-batch softmax of each user's history (minus its last item) against
+    every row's last item, on cosine similarities divided by ``temperature`` (0.05: logits in
+    [-20, 20], so the softmax can be sharp although both vectors have unit norm)."""
 
-    if isinstance(module, DualEncoder):
+    def __init__(self, module: nn.Module, temperature: float = 0.05) -> None:
+        super().__init__(module)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def loss_terms(self, params, batch, dropout_rng):
+        del dropout_rng  # the dual encoder has no dropout
+        return self.module.apply({"params": params}, user_features(batch), method=self._loss)
+
+    def _loss(self, module, features):
+        history, last = ue.split_last_interaction(features, module.config.mask_feature)
+        user = module.user_vector(history)
+        target = jnp.take_along_axis(features[module.item_feature], last[:, None], axis=1)[:, 0]
+        items = module.item_vector(target)
+        logits = (user @ items.T / self.temperature).astype(jnp.float32)
+        valid = (jnp.sum(history[module.config.mask_feature], axis=1) > 0).astype(jnp.float32)
+        same = target[:, None] == target[None, :]
+        logits = jnp.where(same & ~jnp.eye(len(target), dtype=bool), -1e9, logits)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
+        correct = (jnp.argmax(logits, axis=-1) == jnp.arange(len(target))).astype(jnp.float32)
+        loss = jnp.sum(nll * valid)
+        metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
+        return loss, jnp.sum(valid), metrics
+
+    def score_next_items(self, params, batch, item_feature="user_item_ids"):
+        def score(module, features):
+            user = module.user_vector(features)
+            return user @ module.item_vector(jnp.arange(module.item_table.num_embeddings)).T
+
+        return self.module.apply({"params": params}, user_features(batch), method=score)
+
+    def _touch_all_parameters(self, module, features):
         return module.user_vector(features), module.item_vector(features[module.item_feature])
-    hidden = module(features)
-    return [module.feature_logits(hidden, name) for name in module.config.predict_features]
-
-
-def _dual_loss(module, features):
-    """In-batch softmax: each user's history (minus its last item) against every row's last item."""
-    from user_llm import user_encoder as ue
-
-    history, last = ue.split_last_interaction(features, module.config.mask_feature)
-    user = module.user_vector(history)
-    target = jnp.take_along_axis(features[module.item_feature], last[:, None], axis=1)[:, 0]
-    items = module.item_vector(target)
-    logits = (user @ items.T / 0.05).astype(jnp.float32)
-    valid = (jnp.sum(history[module.config.mask_feature], axis=1) > 0).astype(jnp.float32)
-    same = target[:, None] == target[None, :]
-    logits = jnp.where(same & ~jnp.eye(len(target), dtype=bool), -1e9, logits)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
-    correct = (jnp.argmax(logits, axis=-1) == jnp.arange(len(target))).astype(jnp.float32)
-    loss = jnp.sum(nll * valid)
-    metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
-    return loss, jnp.sum(valid), metrics

@@ -47,10 +47,6 @@ def adamw(
     return optax.chain(*parts)
 
 
-def sgd(learning_rate: optax.Schedule | float = 1e-2, momentum: float | None = None):
-    return optax.sgd(learning_rate, momentum=momentum)
-
-
 def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
     """Multiplies the update of each parameter whose '/'-joined path fully matches a regex by
     its factor (first match wins; others unchanged). Chained after AdamW, a factor m is a

@@ -23,7 +23,7 @@ import optax
 
 from user_llm import checkpoints, distributed, errors, optimizers, partitioning, strategies
 from user_llm.data import pipeline
-from user_llm.models import DecoderOnlyModel
+from user_llm.models import TrainableModel
 from user_llm.train_step import make_eval_step, make_train_step
 
 Array = jax.Array
@@ -103,7 +103,7 @@ def _log(writer, step: int, metrics: Mapping[str, float], prefix: str) -> None:
 
 def train(
     *,
-    model: DecoderOnlyModel,
+    model: TrainableModel,
     train_dataset_cfg: pipeline.DatasetConfig,
     model_dir: str,
     num_train_steps: int,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from user_llm import strategies
-from user_llm.models import DecoderOnlyModel
+from user_llm.models import TrainableModel
 
 Array = jax.Array
 
@@ -26,7 +26,7 @@ def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array
 
 
 def make_train_step(
-    model: DecoderOnlyModel,
+    model: TrainableModel,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     accumulation_steps: int,
@@ -147,7 +147,7 @@ def gate_gradients(grads: Any) -> dict[str, Array]:
     return out
 
 
-def make_eval_step(model: DecoderOnlyModel) -> Callable[[Any, dict], dict]:
+def make_eval_step(model: TrainableModel) -> Callable[[Any, dict], dict]:
     def eval_step(params, batch):
         loss, weight, metrics = model.loss_terms(params, batch, None)
         return {"loss_sum": loss, "weight": weight, "correct_sum": metrics["correct_sum"]}

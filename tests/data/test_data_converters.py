@@ -80,7 +80,10 @@ def test_pipeline_selects_converters():
         return pipeline.DatasetConfig("x", {"targets": 4}, **kw)
 
     assert type(pipeline.feature_converter(cfg())) is seqio.DecoderFeatureConverter
-    assert type(pipeline.feature_converter(cfg(prefix_lm=True))) is seqio.PrefixLMFeatureConverter
+    assert (
+        type(pipeline.feature_converter(cfg(converter="prefix_lm")))
+        is seqio.PrefixLMFeatureConverter
+    )
     assert isinstance(
         pipeline.feature_converter(cfg(converter="user_prefix_lm")), UserPrefixLMFeatureConverter
     )

@@ -32,12 +32,10 @@ class DatasetConfig:
     # from one of ``cache_dirs``; a task that is not cached there is an error.
     use_cached: bool = False
     cache_dirs: tuple[str, ...] = ()
-    # For prefix-LM tasks (features "inputs" and "targets"): decoder-only prefix LM layout.
-    # Kept for old configs; ``converter`` (when set) takes precedence.
-    prefix_lm: bool = False
-    # "decoder" | "prefix_lm" | "user_prefix_lm" (User-LLM: + user_* arrays, unpacked) |
-    # "user_features" (encoder pretraining: user_* arrays only). None: from ``prefix_lm``.
-    converter: str | None = None
+    # "decoder" | "prefix_lm" (tasks with "inputs" and "targets": decoder-only prefix-LM
+    # layout) | "user_prefix_lm" (User-LLM: + user_* arrays, unpacked) | "user_features"
+    # (encoder pretraining: user_* arrays only).
+    converter: str = "decoder"
     # Further features the user_* converters keep (e.g. ("candidate_item_index",)).
     passthrough_features: tuple[str, ...] = ()
 
@@ -46,8 +44,8 @@ CONVERTERS = ("decoder", "prefix_lm", "user_prefix_lm", "user_features")
 
 
 def feature_converter_name(cfg: DatasetConfig) -> str:
-    """The converter ``cfg`` selects: ``converter``, else from the older ``prefix_lm``."""
-    return cfg.converter or ("prefix_lm" if cfg.prefix_lm else "decoder")
+    """The converter ``cfg`` selects."""
+    return cfg.converter
 
 
 def feature_converter(cfg: DatasetConfig) -> seqio.FeatureConverter:
