@@ -328,6 +328,17 @@ def test_cached_decoding_matches_uncached_greedy(variant):
             seq.append(nxt)
 
 
+def _train(model, params, batch, tx, steps):
+    """(final state, per-step losses) of ``steps`` jitted train steps at lr 1e-2 on one batch."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False))
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
 def test_encoder_pretraining_losses_fall_and_scores_rank_items():
     for model in (
         ARUserEncoderModel(UserEncoder(ENCODER)),
@@ -337,13 +348,7 @@ def test_encoder_pretraining_losses_fall_and_scores_rank_items():
         batch = user_batch(seed=3, lengths=(6, 5))
         shapes = {k: v.shape for k, v in batch.items()}
         params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
-        tx = optax.adam(1e-2)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-        step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False))
-        losses = []
-        for _ in range(30):
-            state, m = step(state, batch, jax.random.PRNGKey(0))
-            losses.append(float(m["loss"]))
+        state, losses = _train(model, params, batch, optax.adam(1e-2), 30)
         assert losses[-1] < losses[0] * 0.7, (type(module).__name__, losses[0], losses[-1])
         scores = model.score_next_items(state["params"], batch)
         assert scores.shape == (B, NUM_ITEMS)
@@ -477,12 +482,7 @@ def test_item_title_vectors_stay_frozen_and_shape_the_next_item_scores(tmp_path)
     assert mask["embedder"]["tables_user_item_ids"]["embedding"] is True
     # Weight decay too would move a frozen table that merely gets no gradient.
     tx = strategies.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), "full")
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(1e-2), 1, False))
-    losses = []
-    for _ in range(20):
-        state, m = step(state, batch, jax.random.PRNGKey(0))
-        losses.append(float(m["loss"]))
+    state, losses = _train(model, params, batch, tx, 20)
     assert losses[-1] < losses[0] * 0.8, losses
     trained = state["params"]["embedder"]
     np.testing.assert_array_equal(trained["frozen_item_text"], table)
@@ -540,7 +540,7 @@ def test_belief_tokens_are_the_titles_of_the_encoder_heads_top_items(tmp_path):
     def scores(p):
         def f(m):
             hidden = m.user_encoder(features)
-            return belief_scores(m.user_encoder, hidden, features, ENCODER, "user_item_ids")
+            return belief_scores(m.user_encoder, hidden, features, "user_item_ids")
 
         return np.asarray(nn.apply(f, module)({"params": p}))
 

@@ -138,12 +138,11 @@ class BeliefTokens(nn.Module):
 
 
 def belief_scores(
-    encoder: UserEncoder, hidden: Array, features: Mapping[str, Array], cfg: UserEncoderConfig,
-    feature: str,
-) -> Array:  # fmt: skip
+    encoder: UserEncoder, hidden: Array, features: Mapping[str, Array], feature: str
+) -> Array:
     """The encoder head's next-``feature`` scores [b, V] after each history; ids already in the
     history, padding (0) and out-of-vocabulary (1) are ``-inf`` (the next item is a new one)."""
-    mask = features[cfg.mask_feature].astype(bool)
+    mask = features[encoder.config.mask_feature].astype(bool)
     scores = encoder.feature_logits(last_position(hidden, mask), feature).astype(jnp.float32)
     seen = jnp.where(mask, features[feature], 0)
     rows = jnp.arange(scores.shape[0])[:, None]
@@ -199,10 +198,8 @@ class UserLLM(nn.Module):
         hidden = self.user_encoder(user_features, deterministic)
         scores = None
         if self.integration.belief_top_k:
-            scores = belief_scores(
-                self.user_encoder, hidden, user_features, self.encoder_config,
-                self.integration.belief_feature,
-            )  # fmt: skip
+            feature = self.integration.belief_feature
+            scores = belief_scores(self.user_encoder, hidden, user_features, feature)
         history_mask = user_features[self.encoder_config.mask_feature].astype(bool)
         has_history = jnp.any(history_mask, axis=1, keepdims=True)
         if self.integration.encoder_kind == "ar":
