@@ -162,7 +162,9 @@ def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
     hits = {"A": [1, 0, 0, 1], "B": [1, 1, 0, 1], "C": [0, 0, 0, 0], "head": [1, 1, 1, 1]}
     ran = {}
     for v in (first, second, other_length, head):
-        lines = [json.dumps({"task": name, "index": i, "metrics": {"recall@1_norm": h}})
+        # A has an item head too; the encoder head ranks by its own scores (plain names).
+        extra = {"A": "item_head_recall@5", "head": "recall@5"}.get(v.name, "unused")
+        lines = [json.dumps({"task": name, "index": i, "metrics": {"recall@1_norm": h, extra: h}})
                  for i, h in enumerate(hits[v.name])]  # fmt: skip
         lines.append(json.dumps({"task": name, "index": 9, "metrics": {"recall@1_norm": 1}}))
         (tmp_path / f"{v.name}.predictions.jsonl").write_text("\n".join(lines[: 4 + (v is first)]))
@@ -171,6 +173,11 @@ def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
     ran["D"] = {"eval": "D.json"}
     variants = [first, second, other_length, head, old_eval]
     paired = ex.versus_first_system(ran, variants, "movielens", tmp_path)
-    assert list(paired) == ["B"]  # another history length reads other examples; one head alone
+    # Another history length reads other examples; a lone head has no later head to pair.
+    assert sorted(paired) == ["A", "B"] and list(paired["B"]) == ["A (same users)"]
     diff, low, high = paired["B"]["A (same users)"]["Recall@1"]
     assert diff == pytest.approx(25.0) and low <= diff <= high  # index 9: A alone, not paired
+    # A's item head against the encoder head, on the same 4 users: (2 - 4) / 4 hits.
+    assert list(paired["A"]) == ["head (same users)"]
+    assert list(paired["A"]["head (same users)"]) == ["Item head: Recall@5"]
+    assert paired["A"]["head (same users)"]["Item head: Recall@5"][0] == pytest.approx(-50.0)

@@ -578,7 +578,7 @@ def test_belief_token_configs_that_cannot_work_are_named(tmp_path):
     with pytest.raises(ValueError, match="needs belief_text_table"):
         IntegrationConfig(belief_top_k=2)
     with pytest.raises(ValueError, match="'user_ratings' has no next-value head"):
-        _belief_llm(tmp_path, belief_feature="user_ratings")
+        _belief_llm(tmp_path, item_feature="user_ratings")
     np.save(tmp_path / "short.npy", np.zeros((NUM_ITEMS - 1, 5), np.float32))
     with pytest.raises(ValueError, match=r"short.npy: expected a float \[50, D\]"):
         _belief_llm(tmp_path, belief_text_table=str(tmp_path / "short.npy"))
@@ -599,3 +599,87 @@ def test_every_model_wrapper_is_a_trainable_model():
     assert not isinstance(object(), TrainableModel)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DualUserEncoderModel(DualEncoder(ENCODER), temperature=0.0)
+
+
+def _item_head_llm(**kw):
+    integration = IntegrationConfig(item_head=True, **kw)
+    module = UserLLM(tiny_decoder_config(cross_attention_layers=(1,)), ENCODER, integration)
+    model = UserLLMModel(module, eos_id=1, max_decode_length=4)
+    prompt = jnp.arange(8)[None, :] < 3  # 3 prompt positions, then 5 answer tokens
+    batch = {
+        **lm_batch(),
+        **user_batch(),
+        "decoder_loss_weights": jnp.broadcast_to(~prompt, (B, 8)).astype(jnp.int32),
+        "candidate_item_ids": jnp.asarray([[5, 7, 9], [11, 1, 13]]),
+        "candidate_label": jnp.asarray([2, 1]),  # next items 9 and 1 (out of vocabulary)
+    }
+    shapes = {k: v.shape for k, v in batch.items()}
+    types = {k: v.dtype for k, v in batch.items()}
+    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes, types))["params"]
+    return model, params, batch
+
+
+def test_item_head_loss_is_the_title_loss_plus_the_next_items_cross_entropy():
+    model, params, batch = _item_head_llm(item_loss_weight=0.5)
+    assert "item_head" in params and "heads" in str(params["user_encoder"].keys())
+    loss, weight, metrics = model.loss_terms(params, batch, None)
+    # By hand: the title loss of the same parameters without the head, plus 0.5 times example
+    # 0's item cross entropy at its answer position (3: the first loss-bearing one); example 1's
+    # next item is out of vocabulary and adds nothing.
+    title_only = UserLLMModel(
+        dataclasses.replace(model.module, integration=IntegrationConfig()), eos_id=1
+    )
+    lm_loss, lm_weight, _ = title_only.loss_terms(params, batch, None)
+    variables = {"params": params}
+    hidden = model.module.apply(
+        variables, batch["decoder_input_tokens"], user_features=user_batch(), return_hidden=True
+    )
+    item_logits = model.module.apply(variables, hidden[:, 3], method="item_logits")
+    item_ce = -jax.nn.log_softmax(item_logits[0])[9]
+    np.testing.assert_allclose(loss, lm_loss + 0.5 * item_ce, rtol=1e-5)
+    assert weight == lm_weight == 10
+    assert metrics["item_examples_sum"] == 1
+    np.testing.assert_allclose(metrics["item_cross_entropy_sum"], item_ce, rtol=1e-5)
+    np.testing.assert_allclose(model.item_scores(params, batch), item_logits, rtol=1e-5)
+
+
+def test_item_head_reads_the_prompt_only_and_trains_under_proj():
+    model, params, batch = _item_head_llm()
+    scores = model.item_scores(params, batch)
+    # Other answer tokens (after the answer position) never change the item scores ...
+    other = dict(batch, decoder_input_tokens=batch["decoder_input_tokens"].at[:, 4:].set(7))
+    np.testing.assert_array_equal(model.item_scores(params, other), scores)
+    # At step 0 (gates at 0) the user cannot reach it. Under Proj the head and the blocks learn
+    # the next item; the encoder (and its head) stay as they are.
+    # (The random tiny encoder's output table is small, so its logits move slowly: lr 3e-2.)
+    tx = strategies.masked_optimizer(optax.adam(3e-2), "proj")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(make_train_step(model, tx, optax.constant_schedule(3e-2), 1, False, "proj"))
+    first = None
+    for _ in range(30):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        first = float(m["item_cross_entropy"]) if first is None else first
+    assert float(m["item_cross_entropy"]) < 0.5 * first
+    assert float(m["item_accuracy"]) == 1.0
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params["user_encoder"]),
+        jax.tree_util.tree_leaves(state["params"]["user_encoder"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(state["params"]["item_head"]["kernel"], params["item_head"]["kernel"])
+    # Trained, the item scores depend on the user's history (through the opened blocks).
+    trained = state["params"]
+    swapped = {**batch, **user_batch(seed=5)}
+    assert not np.allclose(model.item_scores(trained, swapped), model.item_scores(trained, batch))
+
+
+def test_item_head_configs_that_cannot_work_are_named():
+    with pytest.raises(ValueError, match="item_head needs the AR encoder"):
+        IntegrationConfig(item_head=True, encoder_kind="dual")
+    with pytest.raises(ValueError, match="'user_ratings' has no next-value head"):
+        _item_head_llm(item_feature="user_ratings")
+    model, params, batch = _item_head_llm()
+    without = {k: v for k, v in batch.items() if k != "candidate_label"}
+    with pytest.raises(ValueError, match=r"needs \['candidate_label'\] in the batch"):
+        model.loss_terms(params, without, None)

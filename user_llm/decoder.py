@@ -353,6 +353,10 @@ class Decoder(nn.Module):
             x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
         if return_hidden:
             return x
+        return self.output_logits(x)
+
+    def output_logits(self, x: Array) -> Array:
+        """float32 vocabulary logits [batch, n, vocab] of final (normed) hidden states."""
         if self.config.tie_embeddings:
             logits = self.token_embedder.attend(x)
         else:

@@ -16,7 +16,9 @@ Reads the run's own gin files (model, feature lengths) and the newest checkpoint
   log-likelihood of each title + EOS, and the same with a ``_norm`` suffix by the mean
   log-likelihood per token (length-normalized, so short titles are not favoured); popularity
   ranks the same candidates (``popularity_*``). A phase-1 encoder (``UserEncoderModel``) ranks
-  them with its next-item head, and also the whole catalogue (``full_recall@10``).
+  them with its next-item head, and also the whole catalogue (``full_recall@10``); so does a
+  User-LLM model with an item head (``integration.py``), under ``item_head_*`` names beside its
+  title ranking.
 - favorite genre / category: ``accuracy`` of the generated answer (exact match) and
   ``accuracy_ranked`` (``_norm``): the answer ranked by likelihood among every genre name, so
   phrasing never decides accuracy.
@@ -294,6 +296,9 @@ class _LLMScorer:
             static_argnums=3,
         )
         self.diagnostics = jax.jit(lambda p, b: model.diagnostics(p, _model_batch(b)))
+        self.item_scores = None
+        if getattr(model, "has_item_head", False) and self.info.task == "next_item":
+            self.item_scores = jax.jit(lambda p, b: model.item_scores(p, _model_batch(b)))
 
     def answer_tokens(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """[b, C, width] candidate answers: the candidate titles, or every genre name."""
@@ -332,6 +337,9 @@ class _LLMScorer:
                 labels, valid = batch["candidate_label"][:n], batch["candidate_item_index"][:n] >= 0
                 out.update(ranking_metrics(scores, labels, valid))
                 out.update(ranking_metrics(norm, labels, valid, suffix="_norm"))
+                if self.item_scores is not None:
+                    items = np.asarray(self.item_scores(self.params, batch))[:n]
+                    out.update(item_ranking_metrics(items, batch, metrics.ITEM_HEAD))
             else:
                 labels = _answer_index(self.answers, targets)
                 out["accuracy_ranked"] = (np.argmax(scores, -1) == labels).astype(np.float64)
@@ -559,20 +567,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def item_ranking_metrics(
+    item_scores: np.ndarray, batch: Mapping[str, np.ndarray], prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """Ranking metrics of item-space scores [n, V] (an encoder head, User-LLM's item head) on
+    the first n examples of ``batch``: the candidates, and the full catalogue."""
+    n = len(item_scores)
+    labels, ids = batch["candidate_label"][:n], batch["candidate_item_ids"][:n]
+    out = ranking_metrics(
+        np.take_along_axis(item_scores, ids, axis=1),
+        labels,
+        batch["candidate_item_index"][:n] >= 0,
+        prefix,
+    )
+    targets = ids[np.arange(n), labels]
+    out.update(full_catalogue_metrics(item_scores, targets, batch["user_item_ids"][:n], prefix))
+    return out
+
+
 def _run_encoder(model: Any, params: Any, examples, batch_size: int) -> dict[str, np.ndarray]:
     score_items = jax.jit(model.score_next_items)
     per_batch = []
     for batch, n in batches(examples, batch_size):
         item_scores = np.asarray(score_items(params, _model_batch(batch)))[:n]
-        labels, ids = batch["candidate_label"][:n], batch["candidate_item_ids"][:n]
-        out = ranking_metrics(
-            np.take_along_axis(item_scores, ids, axis=1),
-            labels,
-            batch["candidate_item_index"][:n] >= 0,
-        )
-        targets = ids[np.arange(n), labels]
-        out.update(full_catalogue_metrics(item_scores, targets, batch["user_item_ids"][:n]))
-        per_batch.append(out)
+        per_batch.append(item_ranking_metrics(item_scores, batch))
     return _concat(per_batch)
 
 
@@ -599,11 +617,14 @@ def rules_on_the_same_examples(
     info = common.task_info(task)
     kind = info.task
     if kind == "next_item":
+
+        def rule_metric(name: str) -> str:  # the summed, normalized and item-head scores alike
+            return "popularity_" + name.removesuffix("_norm").removeprefix(metrics.ITEM_HEAD)
+
         per = {
-            name: real["popularity_" + name.removesuffix("_norm")]
+            name: real[rule_metric(name)]
             for name in real
-            if "popularity_" + name.removesuffix("_norm") in real
-            and not name.startswith("popularity_")
+            if rule_metric(name) in real and not name.startswith("popularity_")
         }
         return {"Popularity": {"paired_diff": paired_differences(real, per)}}
     if kind == "favorite_genre":

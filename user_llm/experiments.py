@@ -59,6 +59,9 @@ class Variant:
     files: tuple[str, ...] = ()  # extra phase-2 gin files (after the experiment file)
     bindings: tuple[tuple[str, Any], ...] = ()
     steps: int | None = None  # phase-2 / LoRA steps of this variant (None: the budget's)
+    # "": train on the form's mixture of every task; a task kind ("next_item"): train and
+    # evaluate on that task alone.
+    train_task: str = ""
 
 
 # The phase-2 recipe sweep (results/phase2_recipe.md): one lever at a time from the earlier
@@ -98,6 +101,17 @@ RECIPE_SWEEP = [  # in the order they were run
         bindings=RECIPE,
         steps=450,
     ),
+    # The encoder's next-item knowledge is collaborative (results/phase2_recipe_belief450.md):
+    # no title carries it. An item head lets the LLM answer in the encoder's item space, and its
+    # full-catalogue loss gives the blocks a per-example gradient towards the next item.
+    Variant(
+        "recipe + item head, next item only (Proj), 450 steps",
+        files=("models/integration/item_head.gin",),
+        bindings=RECIPE,
+        steps=450,
+        train_task="next_item",
+    ),
+    Variant("AR encoder head", kind="encoder"),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
@@ -203,6 +217,7 @@ def run_name(v: Variant) -> str:
     """Folder name of a variant's run: from its configuration, not its display name, so the
     same configuration in several studies (and in the main job) is trained once."""
     config = (v.kind, v.history_length, v.encoder, v.form, v.files, v.bindings)
+    config += (v.train_task,) if v.train_task else ()  # older folders keep their names
     digest = hashlib.sha1(repr(config).encode()).hexdigest()[:8]
     return f"{v.kind}_{v.encoder}_{v.form}_h{v.history_length}_{digest}"
 
@@ -263,6 +278,8 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
     if dataset in REVIEWS:
         tasks.append(task(dataset, "review_gen", v.form, length))
+    if v.train_task:
+        tasks = [task(dataset, v.train_task, v.form, length)]
     # The encoder head is cheap: every test user. LLM systems: the first eval_examples.
     n_eval = 0 if v.kind == "encoder" else budget.eval_examples
     if v.form in ("tp", "tpchat") and budget.text_prompt_eval_examples is not None:
@@ -280,7 +297,9 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
         "HISTORY_LENGTH": length,
         "TRAIN_STEPS": steps,
         "SEED": budget.seed,
-        "MIXTURE_OR_TASK_NAME": f"{dataset}_{v.form}_h{length}{SUFFIX}",
+        "MIXTURE_OR_TASK_NAME": tasks[0]
+        if v.train_task
+        else f"{dataset}_{v.form}_h{length}{SUFFIX}",
         "LLM_CHECKPOINT": str(llm),
         "MODEL_DIR": str(run_dir),
         "train_lib.train.eval_every_steps": 0,
@@ -352,6 +371,11 @@ COLUMNS = [
     ("Recall@5", "next_item", f"recall@5{SCORING}"),
     ("NDCG@10", "next_item", f"ndcg@10{SCORING}"),
     ("Full-catalogue Recall@10", "next_item", "full_recall@10"),
+    # User-LLM's item head (models/integration/item_head.gin): the same model ranking in item
+    # space, beside its title ranking above; compare with the encoder head's plain columns.
+    ("Item head: Recall@5", "next_item", "item_head_recall@5"),
+    ("Item head: NDCG@10", "next_item", "item_head_ndcg@10"),
+    ("Item head: full-catalogue Recall@10", "next_item", "item_head_full_recall@10"),
     ("Fav. genre acc. (ranked)", "favorite", f"accuracy_ranked{SCORING}"),
     ("Fav. genre acc. (gen.)", "favorite", "accuracy"),
     ("Next-item token prob.", "next_item", "target_token_prob"),
@@ -433,7 +457,9 @@ def versus_first_system(
     """{system: {"<first> (same users)": {column: [diff, low, high]}}}: each later system of a
     kind (User-LLM, encoder head, ...) minus the study's first of that kind, paired over the
     examples both evaluated (the same users and candidates), from their predictions files.
-    Systems reading another form or history length are not paired: their examples differ."""
+    A User-LLM item head (``item_head_*`` columns) is also paired with the study's first
+    encoder head: does the LLM keep what the encoder knows? Systems reading another form or
+    history length are not paired: their examples differ."""
     from user_llm import metrics
 
     def predictions(v: Variant) -> dict:
@@ -441,28 +467,41 @@ def versus_first_system(
         return _per_example(path.with_name(path.stem + ".predictions.jsonl"))
 
     out: dict[str, dict[str, dict]] = {}
+
+    def pair(v: Variant, first: Variant, mine: dict, reference: dict, strip: str = "") -> None:
+        if (v.form, v.history_length) != (first.form, first.history_length):
+            return
+        for title, task_kind, metric in COLUMNS:
+            if strip and not metric.startswith(strip):
+                continue
+            name = task(dataset, task_kind, v.form, v.history_length)
+            keys = sorted(
+                k for k in mine if k[0] in (name, name.removesuffix(SUFFIX)) and k in reference
+            )
+            if not keys:
+                continue
+            m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in mine[keys[0]]), "")
+            ref = m.removeprefix(strip)
+            if not m or ref not in reference[keys[0]]:
+                continue
+            a = np.array([mine[k][m] for k in keys], np.float64)
+            b = np.array([reference[k][ref] for k in keys], np.float64)
+            diffs = out.setdefault(v.name, {}).setdefault(f"{first.name} (same users)", {})
+            diffs[title] = list(metrics.paired_bootstrap_ci(100.0 * a, 100.0 * b))
+
     for kind in dict.fromkeys(v.kind for v in variants):
         same_kind = [v for v in variants if v.kind == kind]
         first, later = same_kind[0], same_kind[1:]
-        if not later:
-            continue
-        reference = predictions(first)
-        for v in later:
-            if (v.form, v.history_length) != (first.form, first.history_length):
-                continue
-            mine = predictions(v)
-            for title, task_kind, metric in COLUMNS:
-                name = task(dataset, task_kind, v.form, v.history_length)
-                keys = [k for k in mine if k[0] in (name, name.removesuffix(SUFFIX))]
-                keys = sorted(k for k in keys if k in reference)
-                both = set(mine[keys[0]]) & set(reference[keys[0]]) if keys else set()
-                m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in both), None)
-                if m is None:
-                    continue
-                a = np.array([mine[k][m] for k in keys], np.float64)
-                b = np.array([reference[k][m] for k in keys], np.float64)
-                diffs = out.setdefault(v.name, {}).setdefault(f"{first.name} (same users)", {})
-                diffs[title] = list(metrics.paired_bootstrap_ci(100.0 * a, 100.0 * b))
+        if later:
+            reference = predictions(first)
+            for v in later:
+                pair(v, first, predictions(v), reference)
+    heads = [v for v in variants if v.kind == "encoder"]
+    if heads:
+        reference = predictions(heads[0])
+        for v in variants:
+            if v.kind == "user_llm":
+                pair(v, heads[0], predictions(v), reference, strip=metrics.ITEM_HEAD)
     return out
 
 

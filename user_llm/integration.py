@@ -14,7 +14,16 @@ the map from ~9,700 item ids to titles out of ~1,200 examples, while a title vec
 LLM's own embedding space, and with tied input/output embeddings a block that copies it into the
 residual stream raises the logits of that title's tokens.
 
-Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/``, ``belief/`` and ``decoder/``
+With ``item_head`` (an extension, not in the paper; E4SRec-style) the LLM also answers in item
+space: its final hidden state at the answer position, mapped to the encoder's width, is scored by
+the phase-1 encoder's own next-item head against every item, and training adds that
+full-catalogue cross entropy to the title loss. Why: a title's likelihood is the LLM's prior over
+text, and the encoder's knowledge of the next item is collaborative, in its item-id embeddings
+(results/phase2_recipe_belief450.md), which no title carries; the item loss also gives the
+cross-attention blocks a direct, per-example gradient towards what the user will do next.
+
+Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/``, ``belief/``, ``item_head/`` and
+``decoder/``
 (the LLM's own tree, so a pretrained LLM loads with the assignment map
 ``('decoder/(.*)', r'\\1')``).
 """
@@ -59,8 +68,13 @@ class IntegrationConfig:
     belief_top_k: int = 0
     # The .npy [item vocabulary, D] of frozen title vectors the belief tokens read.
     belief_text_table: str = ""
-    # The encoder feature whose next-value head ranks the items.
-    belief_feature: str = "user_item_ids"
+    # The encoder feature whose next-value head ranks the items (belief tokens, item head).
+    item_feature: str = "user_item_ids"
+    # True: an item head (module docstring) scores every item from the LLM's final hidden
+    # state at the answer position, and training adds its full-catalogue cross entropy.
+    item_head: bool = False
+    # Weight of the item head's cross entropy (one term per example) in the token-summed loss.
+    item_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +87,10 @@ class IntegrationConfig:
             raise ValueError("belief_top_k needs the AR encoder (its next-item head ranks items)")
         if self.belief_top_k and not self.belief_text_table:
             raise ValueError("belief_top_k > 0 needs belief_text_table (a .npy of title vectors)")
+        if self.item_head and self.encoder_kind != "ar":
+            raise ValueError("item_head needs the AR encoder (it scores items with its head)")
+        if self.item_loss_weight < 0:
+            raise ValueError(f"item_loss_weight must be >= 0, got {self.item_loss_weight}")
 
 
 def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
@@ -171,16 +189,20 @@ class UserLLM(nn.Module):
         if cfg.use_perceiver:
             self.perceiver = PerceiverResampler(cfg.perceiver)
         self.projector = Projector(self.decoder_config.embed_dim, cfg.projector_hidden_dim)
+        if (cfg.belief_top_k or cfg.item_head) and (
+            cfg.item_feature not in self.encoder_config.predict_features
+        ):
+            raise ValueError(
+                f"item_feature {cfg.item_feature!r} has no next-value head in the "
+                f"encoder (predict_features: {list(self.encoder_config.predict_features)})"
+            )
+        if cfg.item_head:
+            self.item_head = DenseGeneral((self.encoder_config.embed_dim,), ("embed", "mlp"))
         if cfg.belief_top_k:
-            if cfg.belief_feature not in self.encoder_config.predict_features:
-                raise ValueError(
-                    f"belief_feature {cfg.belief_feature!r} has no next-value head in the "
-                    f"encoder (predict_features: {list(self.encoder_config.predict_features)})"
-                )
             self.belief = BeliefTokens(
                 cfg.belief_top_k,
                 cfg.belief_text_table,
-                self.encoder_config.vocab_sizes[cfg.belief_feature],
+                self.encoder_config.vocab_sizes[cfg.item_feature],
                 self.decoder_config.embed_dim,
                 cfg.projector_hidden_dim,
             )
@@ -198,7 +220,7 @@ class UserLLM(nn.Module):
         hidden = self.user_encoder(user_features, deterministic)
         scores = None
         if self.integration.belief_top_k:
-            feature = self.integration.belief_feature
+            feature = self.integration.item_feature
             scores = belief_scores(self.user_encoder, hidden, user_features, feature)
         history_mask = user_features[self.encoder_config.mask_feature].astype(bool)
         has_history = jnp.any(history_mask, axis=1, keepdims=True)
@@ -237,9 +259,11 @@ class UserLLM(nn.Module):
         decode: bool = False,
         deterministic: bool = True,
         logits_index: Array | None = None,
+        return_hidden: bool = False,
     ) -> Array:
         """Logits [b, L, vocab] for ``tokens``, conditioned on the user (only at the token
-        positions ``logits_index`` [b, n] if given, as ``Decoder`` does).
+        positions ``logits_index`` [b, n] if given, as ``Decoder`` does; the final hidden
+        states instead with ``return_hidden``, for ``token_logits`` / ``item_logits``).
 
         Pass ``user_features`` (the encoder runs), or a precomputed ``context`` from
         ``encode_user`` (decoding reuses it at every step). In soft-prompt decoding the prompt
@@ -249,6 +273,8 @@ class UserLLM(nn.Module):
             if user_features is None:
                 raise ValueError("UserLLM needs user_features or a precomputed context")
             context, context_mask = self.encode_user(user_features, deterministic)
+        if self.integration.item_head and self.is_initializing():  # create its parameters
+            self.item_logits(jnp.zeros((1, self.decoder_config.embed_dim), context.dtype))
         if self.integration.mode == "cross_attention":
             return self.decoder(
                 tokens,
@@ -261,15 +287,32 @@ class UserLLM(nn.Module):
                 decode=decode,
                 deterministic=deterministic,
                 logits_index=logits_index,
+                return_hidden=return_hidden,
             )
         return self._soft_prompt(
             tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-            prepend_soft_prompt, decode, deterministic, logits_index,
+            prepend_soft_prompt, decode, deterministic, logits_index, return_hidden,
         )  # fmt: skip
+
+    def token_logits(self, hidden: Array) -> Array:
+        """The LLM's vocabulary logits of final hidden states (``return_hidden``'s output)."""
+        return self.decoder.output_logits(hidden)
+
+    def item_logits(self, hidden: Array) -> Array:
+        """[b, V] scores of every item from the LLM's final hidden state [b, D] (item head).
+
+        The head maps the LLM state into the encoder's hidden space; the phase-1 encoder's own
+        next-item head (its query map and output table, frozen with the encoder) scores it. So
+        the LLM reaches the encoder's ranking exactly when its state carries what the encoder's
+        last state does; with a generic question and frozen LLM weights, only cross-attention
+        to the user context can put it there.
+        """
+        query = self.item_head(hidden)
+        return self.user_encoder.feature_logits(query, self.integration.item_feature)
 
     def _soft_prompt(
         self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-        prepend, decode, deterministic, logits_index=None,
+        prepend, decode, deterministic, logits_index=None, return_hidden=False,
     ) -> Array:  # fmt: skip
         if segment_ids is not None and (prepend or not decode):
             raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
@@ -284,7 +327,7 @@ class UserLLM(nn.Module):
             return self.decoder(
                 tokens, positions=positions, segment_ids=segment_ids, input_mask=token_mask,
                 input_embeddings=embeddings, decode=decode, deterministic=deterministic,
-                logits_index=logits_index,
+                logits_index=logits_index, return_hidden=return_hidden,
             )  # fmt: skip
         soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
         full_prefix = None
@@ -299,5 +342,6 @@ class UserLLM(nn.Module):
             decode=decode,
             deterministic=deterministic,
             logits_index=None if logits_index is None else logits_index + n,
+            return_hidden=return_hidden,
         )
         return logits if logits_index is not None else logits[:, n:]

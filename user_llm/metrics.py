@@ -10,6 +10,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+# Prefix of the metrics of User-LLM's item head (``item_head_recall@5``, ...): the same model's
+# ranking in item space, next to its title-likelihood ranking of the same candidates.
+ITEM_HEAD = "item_head_"
+
 
 def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | None = None):
     """0-based rank of each row's target among its scores (ties count against the target).

@@ -131,6 +131,7 @@ class DecoderOnlyModel:
         dropout_rng: Array | None,
         deterministic: bool,
         logits_index: Array | None = None,
+        **kwargs: Any,
     ) -> Array:
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
         return self.module.apply(
@@ -143,6 +144,7 @@ class DecoderOnlyModel:
             rngs=rngs,
             logits_index=logits_index,
             **self.module_inputs(batch),
+            **kwargs,
         )
 
     # -- training -------------------------------------------------------------------------
@@ -155,16 +157,23 @@ class DecoderOnlyModel:
         if n is None or n >= targets.shape[1]:
             logits = self._forward(params, batch, dropout_rng, deterministic=dropout_rng is None)
             return cross_entropy_terms(logits, targets, weights, self.z_loss)
-        # The loss-bearing positions first, in order (a stable sort), then the first n of them.
-        index = jnp.argsort(weights <= 0, axis=1, stable=True)[:, :n].astype(jnp.int32)
+        index = loss_position_index(weights, n)
         logits = self._forward(params, batch, dropout_rng, dropout_rng is None, logits_index=index)
+        return self._indexed_cross_entropy(logits, batch, index)
+
+    def _indexed_cross_entropy(
+        self, logits: Array, batch: Batch, index: Array
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """``cross_entropy_terms`` of logits taken at ``index`` (``loss_position_index``); NaN
+        when a row has more loss-bearing positions than ``index`` covers."""
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
         loss, weight, metrics = cross_entropy_terms(
             logits,
             jnp.take_along_axis(targets, index, axis=1),
             jnp.take_along_axis(weights, index, axis=1),
             self.z_loss,
         )
-        dropped = jnp.sum(jnp.maximum(jnp.sum(weights > 0, axis=1) - n, 0))
+        dropped = jnp.sum(jnp.maximum(jnp.sum(weights > 0, axis=1) - index.shape[1], 0))
         loss = jnp.where(dropped > 0, jnp.nan, loss)
         return loss, weight, {**metrics, "dropped_loss_tokens_sum": dropped.astype(jnp.float32)}
 
@@ -418,6 +427,29 @@ def param_shapes_and_axes(variables: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def loss_position_index(weights: Array, n: int) -> Array:
+    """[b, n] int32: each row's loss-bearing positions first, in order (a stable sort), then
+    the others; column 0 is the answer position (the one that predicts the first target)."""
+    return jnp.argsort(weights <= 0, axis=1, stable=True)[:, :n].astype(jnp.int32)
+
+
+# Item ids below this are padding (0) and out-of-vocabulary (1) in the encoder's vocabularies.
+FIRST_ITEM_ID = 2
+
+
+def item_targets(batch: Batch) -> Array:
+    """[b] the encoder vocabulary id of each example's next item: its candidate set's label
+    (the task's ``candidate_item_ids`` / ``candidate_label``, passed through by the converter)."""
+    missing = [k for k in ("candidate_item_ids", "candidate_label") if k not in batch]
+    if missing:
+        raise ValueError(
+            f"the item head needs {missing} in the batch: add them to the dataset's "
+            "passthrough_features (models/integration/item_head.gin does)"
+        )
+    ids, labels = batch["candidate_item_ids"], batch["candidate_label"]
+    return jnp.take_along_axis(ids, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def user_features(batch: Batch) -> dict[str, Array]:
     """The user-history arrays of a batch: every key that starts with ``user_``."""
     return {k: v for k, v in batch.items() if k.startswith("user_")}
@@ -431,6 +463,46 @@ class UserLLMModel(DecoderOnlyModel):
 
     def module_inputs(self, batch: Batch) -> dict[str, Any]:
         return {"user_features": user_features(batch)}
+
+    @property
+    def has_item_head(self) -> bool:
+        return bool(self.module.integration.item_head)
+
+    def loss_terms(
+        self, params: Params, batch: Batch, dropout_rng: Array | None
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """The LM terms; with the item head, plus ``item_loss_weight`` times its summed
+        full-catalogue cross entropy (one term per example with a known next item)."""
+        if not self.has_item_head:
+            return super().loss_terms(params, batch, dropout_rng)
+        length = batch["decoder_target_tokens"].shape[1]
+        index = loss_position_index(batch["decoder_loss_weights"], self.loss_positions or length)
+        hidden = self._forward(
+            params, batch, dropout_rng, dropout_rng is None, logits_index=index, return_hidden=True
+        )
+        variables = {"params": params}
+        logits = self.module.apply(variables, hidden, method="token_logits")
+        loss, weight, metrics = self._indexed_cross_entropy(logits, batch, index)
+        item_logits = self.module.apply(variables, hidden[:, 0], method="item_logits")
+        target = item_targets(batch)
+        has_loss = jnp.any(batch["decoder_loss_weights"] > 0, axis=1)
+        item_loss, items, item_metrics = cross_entropy_terms(
+            item_logits, target, (target >= FIRST_ITEM_ID) & has_loss
+        )
+        metrics = {
+            **metrics,
+            "item_cross_entropy_sum": item_metrics["cross_entropy_sum"],
+            "item_correct_sum": item_metrics["correct_sum"],
+            "item_examples_sum": items,
+        }
+        return loss + self.module.integration.item_loss_weight * item_loss, weight, metrics
+
+    def item_scores(self, params: Params, batch: Batch) -> Array:
+        """[b, V] the item head's score of every item at each example's answer position
+        (the prompt only: the answer's own tokens come after it)."""
+        answer = loss_position_index(batch["decoder_loss_weights"], 1)
+        hidden = self._forward(params, batch, None, True, logits_index=answer, return_hidden=True)
+        return self.module.apply({"params": params}, hidden[:, 0], method="item_logits")
 
     def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
         context, context_mask = self.module.apply(

@@ -118,6 +118,10 @@ def make_train_step(
         }
         if "dropped_loss_tokens_sum" in metrics:  # a model's loss_positions too small: NaN loss
             out["dropped_loss_tokens"] = metrics["dropped_loss_tokens_sum"]
+        if "item_examples_sum" in metrics:  # User-LLM's item head: per example, not per token
+            items = jnp.maximum(metrics["item_examples_sum"], 1.0)
+            out["item_cross_entropy"] = metrics["item_cross_entropy_sum"] / items
+            out["item_accuracy"] = metrics["item_correct_sum"] / items
         if check_finite:  # read by the loop after every step: a non-finite state is never saved
             update_norm = optax.global_norm(trained_updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
