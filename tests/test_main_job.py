@@ -164,7 +164,9 @@ def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
     for v in (first, second, other_length, head):
         # A has an item head too; the encoder head ranks by its own scores (plain names).
         extra = {"A": "item_head_recall@5", "head": "recall@5"}.get(v.name, "unused")
-        lines = [json.dumps({"task": name, "index": i, "metrics": {"recall@1_norm": h, extra: h}})
+        # The encoder head reads the byte-vocabulary task: the same examples, no LLM suffix.
+        named = name.removesuffix(ex.SUFFIX) if v is head else name
+        lines = [json.dumps({"task": named, "index": i, "metrics": {"recall@1_norm": h, extra: h}})
                  for i, h in enumerate(hits[v.name])]  # fmt: skip
         lines.append(json.dumps({"task": name, "index": 9, "metrics": {"recall@1_norm": 1}}))
         (tmp_path / f"{v.name}.predictions.jsonl").write_text("\n".join(lines[: 4 + (v is first)]))

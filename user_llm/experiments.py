@@ -463,8 +463,11 @@ def versus_first_system(
     from user_llm import metrics
 
     def predictions(v: Variant) -> dict:
+        """{(task without the LLM suffix, index): metrics}: an encoder head reads the byte
+        task and User-LLM the SmolLM2 one, with the same examples in the same order."""
         path = root / ran[v.name]["eval"]
-        return _per_example(path.with_name(path.stem + ".predictions.jsonl"))
+        per = _per_example(path.with_name(path.stem + ".predictions.jsonl"))
+        return {(t.removesuffix(SUFFIX), i): m for (t, i), m in per.items()}
 
     out: dict[str, dict[str, dict]] = {}
 
@@ -474,10 +477,8 @@ def versus_first_system(
         for title, task_kind, metric in COLUMNS:
             if strip and not metric.startswith(strip):
                 continue
-            name = task(dataset, task_kind, v.form, v.history_length)
-            keys = sorted(
-                k for k in mine if k[0] in (name, name.removesuffix(SUFFIX)) and k in reference
-            )
+            name = task(dataset, task_kind, v.form, v.history_length).removesuffix(SUFFIX)
+            keys = sorted(k for k in mine if k[0] == name and k in reference)
             if not keys:
                 continue
             m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in mine[keys[0]]), "")
