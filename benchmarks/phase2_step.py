@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing
 
 from user_llm import gin_utils, optimizers, strategies
 from user_llm.data import pipeline
@@ -130,17 +131,9 @@ def measure(model, batch, multipliers, strategy: str, steps: int, compare: str) 
         t0 = time.perf_counter()
         compiled = step.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - t0
-        new_state, m = compiled(state, batch, rng)  # warm-up, and the state compared below
-        jax.block_until_ready(m)
+        # The warm-up step's state is the one compared below.
+        new_state, _, step_s = timing.timed_steps(compiled, state, batch, rng, steps)
         after[which] = new_state["params"]
-        times = []
-        s = new_state
-        for _ in range(steps):
-            t = time.perf_counter()
-            s, m = compiled(s, batch, rng)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        step_s = float(np.median(times))
         rows.append({
             "strategy": strategy, "way": which, "compile_s": compile_s,
             "step_s_median": step_s, "steps_per_s": 1 / step_s,

@@ -28,42 +28,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 
-from user_llm import optimizers
-from user_llm.decoder import Decoder, DecoderConfig
+from user_llm import optimizers, testing
+from user_llm.decoder import Decoder
 from user_llm.models import DecoderOnlyModel
 from user_llm.train_step import make_train_step
 
+# name: (the decoder, batch, length). "100m" is the model gin/models/llm/decoder_100m.gin trains;
+# "small" shrinks it to run in seconds.
 CONFIGS = {
-    # name: (DecoderConfig kwargs, batch, length)
     "small": (
+        "models/llm/decoder_100m.gin",
         dict(
-            vocab_size=8192,
-            embed_dim=256,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=4,
-            head_dim=64,
-            mlp_dim=1024,
-            tie_embeddings=False,
+            vocab_size=8192, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=1024
         ),
         8,
         256,
     ),
-    "100m": (
-        dict(
-            vocab_size=32000,
-            embed_dim=768,
-            num_layers=12,
-            num_heads=12,
-            num_kv_heads=4,
-            head_dim=64,
-            mlp_dim=2048,
-            tie_embeddings=False,
-        ),
-        4,
-        512,
-    ),
+    "100m": ("models/llm/decoder_100m.gin", {}, 4, 512),
 }
 
 
@@ -91,9 +74,9 @@ def _flops(compiled) -> float:
 def measure(
     name: str, steps: int, dtype: str = "float32", batch_scale: int = 1, check_finite: bool = True
 ) -> dict:
-    kwargs, batch, length = CONFIGS[name]
+    gin_file, overrides, batch, length = CONFIGS[name]
     batch *= batch_scale
-    cfg = DecoderConfig(**kwargs, dtype=dtype)
+    cfg = testing.gin_decoder_config(gin_file, **overrides, dtype=dtype)
     model = DecoderOnlyModel(Decoder(cfg))
     rng = jax.random.PRNGKey(0)
     params = nn.unbox(model.get_initial_variables(rng, {"decoder_input_tokens": (batch, length)}))[
@@ -117,15 +100,7 @@ def measure(
     compiled = step.lower(state, data, rng).compile()
     compile_s = time.perf_counter() - t0
     flops = _flops(compiled)
-    state, m = compiled(state, data, rng)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = compiled(state, data, rng)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    step_s = float(np.median(times))
+    _, state, step_s = timing.timed_steps(compiled, state, data, rng, steps)
     return {
         "config": name if check_finite else f"{name}, no NaN check",
         "params_millions": n_params / 1e6,

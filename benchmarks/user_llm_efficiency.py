@@ -19,6 +19,7 @@ Weights are random: cost depends on shapes only. The paper reports up to 78.1x l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,21 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from user_llm.decoder import Decoder, DecoderConfig
+from user_llm import testing
+from user_llm.decoder import Decoder
 from user_llm.integration import IntegrationConfig, UserLLM
 from user_llm.perceiver import PerceiverConfig
 from user_llm.user_encoder import UserEncoderConfig
 
-LLMS = {
-    "100m": dict(
-        vocab_size=32000, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=4,
-        head_dim=64, mlp_dim=2048, tie_embeddings=False,
-    ),
-    "smollm2_135m": dict(
-        vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3,
-        head_dim=64, mlp_dim=1536, rope_theta=100000.0, norm_eps=1e-5,
-    ),
-}  # fmt: skip
+LLMS = {"100m": "models/llm/decoder_100m.gin", "smollm2_135m": "models/llm/smollm2_135m.gin"}
 ENCODER = UserEncoderConfig(
     categorical_features={"user_item_ids": 10000, "user_ratings": 12, "user_time_buckets": 40},
     multivalued_features={"user_genres": 24},
@@ -84,13 +77,13 @@ def user_features(length: int) -> dict[str, jax.Array]:
 
 
 def measure(llm: str, length: int, tokens_per_item: int, repeats: int) -> dict:
-    base = LLMS[llm]
+    base = testing.gin_decoder_config(LLMS[llm])
     rng = jax.random.PRNGKey(0)
     instruction = jnp.ones((1, INSTRUCTION_TOKENS), jnp.int32)
 
     # Text prompt: the decoder reads the whole history as tokens.
     tp_tokens = jnp.ones((1, INSTRUCTION_TOKENS + length * tokens_per_item), jnp.int32)
-    decoder = Decoder(DecoderConfig(**base))
+    decoder = Decoder(base)
     dec_params = nn.unbox(decoder.init(rng, instruction))["params"]
     tp_flops, tp_s = _cost_and_time(
         lambda p, t: decoder.apply({"params": p}, t)[:, -1], (dec_params, tp_tokens), repeats
@@ -99,13 +92,13 @@ def measure(llm: str, length: int, tokens_per_item: int, repeats: int) -> dict:
     row = {"history_length": length, "tp_tokens": int(tp_tokens.shape[1]),
            "tp_gflop": tp_flops / 1e9, "tp_ms": tp_s * 1e3}  # fmt: skip
     every = 4
-    xattn = tuple(i for i in range(base["num_layers"]) if (i + 1) % every == 0)
+    xattn = tuple(i for i in range(base.num_layers) if (i + 1) % every == 0)
     for name, integ in (
         ("userllm", IntegrationConfig()),
         ("userllm_perceiver", IntegrationConfig(use_perceiver=True, perceiver=PerceiverConfig(
             num_latents=16, num_layers=2, num_heads=4, head_dim=64, mlp_dim=1024))),
     ):  # fmt: skip
-        module = UserLLM(DecoderConfig(**base, cross_attention_layers=xattn), ENCODER, integ)
+        module = UserLLM(dataclasses.replace(base, cross_attention_layers=xattn), ENCODER, integ)
         feats = user_features(length)
         params = nn.unbox(module.init(rng, instruction, user_features=feats))["params"]
         flops, secs = _cost_and_time(

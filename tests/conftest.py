@@ -17,19 +17,10 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 
 def tiny_decoder_config(**overrides):
-    from user_llm.decoder import DecoderConfig
+    """``user_llm.testing.tiny_decoder_config`` (imported here lazily: jax loads on first use)."""
+    from user_llm import testing
 
-    kw = dict(
-        vocab_size=64,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        mlp_dim=64,
-    )
-    kw.update(overrides)
-    return DecoderConfig(**kw)
+    return testing.tiny_decoder_config(**overrides)
 
 
 @pytest.fixture

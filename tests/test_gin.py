@@ -264,3 +264,17 @@ def test_library_info_logs_are_filtered_but_warnings_ours_and_verbose_pass():
         assert passes(orbax, logging.INFO)  # --verbosity=1 shows everything
     finally:
         absl_logging.set_verbosity(before)
+
+
+def test_gin_decoder_config_is_the_model_a_gin_file_trains():
+    """Benchmarks time the decoder a gin file binds (``user_llm.testing``), not a re-typed copy."""
+    import gin
+
+    from user_llm import testing
+
+    smollm2 = testing.gin_decoder_config("models/llm/smollm2_135m.gin")
+    assert (smollm2.vocab_size, smollm2.num_layers, smollm2.num_kv_heads) == (49152, 30, 3)
+    assert smollm2.rope_theta == 100000.0 and smollm2.tie_embeddings
+    small = testing.gin_decoder_config("models/llm/decoder_100m.gin", num_layers=4)
+    assert (small.num_layers, small.embed_dim, small.tie_embeddings) == (4, 768, False)
+    assert gin.config_str() == ""  # the caller's gin state is left clear

@@ -43,11 +43,10 @@ SCRIPT = textwrap.dedent(
     """
     import json
     import flax.linen as nn, jax, jax.numpy as jnp
-    from user_llm import partitioning
-    from user_llm.decoder import Decoder, DecoderConfig
+    from user_llm import partitioning, testing
+    from user_llm.decoder import Decoder
     mesh = partitioning.create_mesh((-1, 4))
-    cfg = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                        head_dim=8, mlp_dim=64)
+    cfg = testing.tiny_decoder_config(num_layers=1)
     boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
                                                      jnp.zeros((2, 4), jnp.int32)))
     out = {}

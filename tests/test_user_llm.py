@@ -15,7 +15,7 @@ import optax
 import pytest
 from conftest import REPO_ROOT, tiny_decoder_config
 
-from user_llm import lora, models, strategies
+from user_llm import lora, models, strategies, testing
 from user_llm.decoder import Decoder
 from user_llm.integration import IntegrationConfig, UserLLM
 from user_llm.models import (
@@ -24,25 +24,16 @@ from user_llm.models import (
     UserLLMModel,
     param_shapes_and_axes,
 )
-from user_llm.perceiver import PerceiverConfig, PerceiverResampler
+from user_llm.perceiver import PerceiverResampler
 from user_llm.train_step import make_train_step
-from user_llm.user_encoder import DualEncoder, UserEncoder, UserEncoderConfig
+from user_llm.user_encoder import DualEncoder, UserEncoder
 
 GOLDEN = REPO_ROOT / "tests" / "testdata" / "user_llm_params.json"
-B, L, G, NUM_ITEMS = 2, 6, 3, 50
+B, L, G = 2, 6, 3
+NUM_ITEMS = testing.TINY_ENCODER["categorical_features"]["user_item_ids"]
 
-ENCODER = UserEncoderConfig(
-    categorical_features={"user_item_ids": NUM_ITEMS, "user_ratings": 12},
-    multivalued_features={"user_genres": 20},
-    embed_dim=16,
-    feature_embed_dim=8,
-    num_layers=1,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    predict_features=("user_item_ids", "user_genres"),
-)
-PERCEIVER = PerceiverConfig(num_latents=4, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32)
+ENCODER = testing.tiny_encoder_config(predict_features=("user_item_ids", "user_genres"))
+PERCEIVER = testing.tiny_perceiver_config()
 
 VARIANTS = {
     "xattn_ar_early": (dict(cross_attention_layers=(1,)), {}, IntegrationConfig()),

@@ -16,21 +16,16 @@ SCRIPT = textwrap.dedent(
     import json
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np, optax
-    from user_llm import partitioning, strategies
-    from user_llm.decoder import DecoderConfig
+    from user_llm import partitioning, strategies, testing
     from user_llm.integration import IntegrationConfig, UserLLM
     from user_llm.models import UserLLMModel
-    from user_llm.perceiver import PerceiverConfig
     from user_llm.train_step import make_train_step
-    from user_llm.user_encoder import UserEncoderConfig
 
     assert len(jax.devices()) == 8
-    dec = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=4,
-                        head_dim=8, mlp_dim=64, cross_attention_layers=(1,))
-    enc = UserEncoderConfig(categorical_features={"user_item_ids": 40}, embed_dim=16,
-                            feature_embed_dim=8, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32)
-    integ = IntegrationConfig(use_perceiver=True, perceiver=PerceiverConfig(
-        num_latents=4, num_layers=1, num_heads=2, head_dim=8, mlp_dim=32))
+    dec = testing.tiny_decoder_config(num_kv_heads=4, cross_attention_layers=(1,))
+    enc = testing.tiny_encoder_config(
+        categorical_features={"user_item_ids": 40}, multivalued_features={})
+    integ = IntegrationConfig(use_perceiver=True, perceiver=testing.tiny_perceiver_config())
     model = UserLLMModel(UserLLM(dec, enc, integ))
     rng = np.random.default_rng(0)
     B, L, T = 8, 6, 10

@@ -208,19 +208,10 @@ def load_examples(
     from user_llm.data import features
 
     prefix = features.CANDIDATE_PREFIXES[candidates]
-    cfg = pipeline.DatasetConfig(
-        mixture_or_task_name=task,
-        task_feature_lengths=dict(feature_lengths),
-        split=split,
-        batch_size=64,
-        shuffle=False,
-        converter="user_prefix_lm",
-        passthrough_features=common.CANDIDATE_FEATURES,
-    )
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
-    for batch in pipeline.numpy_batches(
-        pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
+    for batch in pipeline.batches_in_order(
+        task, feature_lengths, split, 64, "user_prefix_lm", common.CANDIDATE_FEATURES
     ):
         for k, v in batch.items():
             parts.setdefault(k, []).append(v)
@@ -502,14 +493,6 @@ def evaluate_seqio_task(
             "metrics need a prefix-LM run (converter prefix_lm or user_prefix_lm)"
         )
     start = time.time()
-    cfg = pipeline.DatasetConfig(
-        mixture_or_task_name=task,
-        task_feature_lengths=dict(feature_lengths),
-        split=split,
-        batch_size=batch_size,
-        shuffle=False,
-        converter=converter,
-    )
     vocab = seqio_task.output_features["targets"].vocabulary
     eos_id = getattr(model, "eos_id", 1)
     predict = jax.jit(
@@ -517,8 +500,7 @@ def evaluate_seqio_task(
     )
     score = jax.jit(model.score_batch)
     targets, predictions, scores, records = [], [], [], []
-    data = pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
-    for raw in pipeline.numpy_batches(data):
+    for raw in pipeline.batches_in_order(task, feature_lengths, split, batch_size, converter):
         batch, n = pipeline.pad_batch(raw, batch_size)
         out = np.asarray(predict(params, batch))[:n]
         logp = np.asarray(score(params, batch))[:n]

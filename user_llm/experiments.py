@@ -36,9 +36,12 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = "_smollm2"
-ENCODER_FILES = {"ar": (), "late": ("models/user_encoder/late_fusion.gin",),
-                 "dual": ("models/user_encoder/dual.gin",),
-                 "titles": ("models/user_encoder/item_titles.gin",)}  # fmt: skip
+ENCODER_FILES = {
+    "ar": (),
+    "late": ("models/user_encoder/late_fusion.gin",),
+    "dual": ("models/user_encoder/dual.gin",),
+    "titles": ("models/user_encoder/item_titles.gin",),
+}
 FAVORITE = {"movielens": "favorite_genre", "amazon_reviews": "favorite_category"}
 REVIEWS = ("amazon_reviews",)  # datasets whose studies also train and score review generation
 
@@ -116,9 +119,11 @@ RECIPE_SWEEP = [  # in the order they were run
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
         XATTN,
-        Variant("User-LLM, soft prompt (Enc, Perceiver, token-scaled)",
-                files=("models/integration/soft_prompt.gin",),
-                bindings=FAST + (("MATCH_TOKEN_SCALE", True),)),
+        Variant(
+            "User-LLM, soft prompt (Enc, Perceiver, token-scaled)",
+            files=("models/integration/soft_prompt.gin",),
+            bindings=FAST + (("MATCH_TOKEN_SCALE", True),),
+        ),
         Variant("TP + LoRA", kind="tp_lora", form="tpchat"),
         Variant("TP, frozen (zero-shot, chat template)", kind="tp_frozen", form="tpchat"),
         Variant("TP, frozen (zero-shot, raw prompt)", kind="tp_frozen", form="tp"),
@@ -128,18 +133,26 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
     "history": [
         v
         for n in (20, 50, 100, 200)
-        for v in (dataclasses.replace(XATTN, name=f"User-LLM, {n} items", history_length=n),
-                  Variant(f"TP frozen, {n} items", kind="tp_frozen", form="tpchat",
-                          history_length=n))
+        for v in (
+            dataclasses.replace(XATTN, name=f"User-LLM, {n} items", history_length=n),
+            Variant(f"TP frozen, {n} items", kind="tp_frozen", form="tpchat", history_length=n),
+        )
     ],
     "strategies": [
-        Variant(f"User-LLM, {s}", bindings=RECIPE + (("STRATEGY", s),) + (
-            (("decoder.DecoderConfig.lora_rank", 8),) if s == "lora" else ()))
+        Variant(
+            f"User-LLM, {s}",
+            bindings=RECIPE
+            + (("STRATEGY", s),)
+            + ((("decoder.DecoderConfig.lora_rank", 8),) if s == "lora" else ()),
+        )
         for s in ("full", "lora", "enc", "proj")
     ],
-    "perceiver": [dataclasses.replace(XATTN, name="User-LLM, no Perceiver")] + [
-        Variant(f"User-LLM, Perceiver {n} latents",
-                bindings=RECIPE + (("USE_PERCEIVER", True), ("NUM_LATENTS", n)))
+    "perceiver": [dataclasses.replace(XATTN, name="User-LLM, no Perceiver")]
+    + [
+        Variant(
+            f"User-LLM, Perceiver {n} latents",
+            bindings=RECIPE + (("USE_PERCEIVER", True), ("NUM_LATENTS", n)),
+        )
         for n in (4, 16, 32)
     ],
     "encoders": [
@@ -157,12 +170,19 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
     "phase2_recipe": RECIPE_SWEEP,
     "hybrid": [
         dataclasses.replace(XATTN, name="Embedding alone (User-LLM)"),
-        Variant("Embedding + last 5 items as text", form="hybrid",
-                bindings=RECIPE + (("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
-        Variant("Last 5 items as text alone (TP + LoRA)", kind="tp_lora", form="hybrid",
-                bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),)),
+        Variant(
+            "Embedding + last 5 items as text",
+            form="hybrid",
+            bindings=RECIPE + (("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),),
+        ),
+        Variant(
+            "Last 5 items as text alone (TP + LoRA)",
+            kind="tp_lora",
+            form="hybrid",
+            bindings=(("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),),
+        ),
     ],
-}  # fmt: skip
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +284,14 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
     if v.encoder == "titles":  # the frozen title vectors, from the LLM's own token embeddings
         table = root / f"item_titles_h{length}.npy"
         enc_bind["ITEM_TEXT_TABLE"] = str(table)
-        args = ["-m", "user_llm.item_text_table", f"--dataset={dataset}", f"--output={table}",
-                f"--history_length={length}", f"--llm_checkpoint={llm}"]  # fmt: skip
+        args = [
+            "-m",
+            "user_llm.item_text_table",
+            f"--dataset={dataset}",
+            f"--output={table}",
+            f"--history_length={length}",
+            f"--llm_checkpoint={llm}",
+        ]
         out.append(Stage(f"item_titles_h{length}", args, table, shared=True))
     train = ["-m", "user_llm.train", *imports]
     enc_done = enc_dir / "checkpoints" / str(budget.encoder_steps)
@@ -286,12 +312,20 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
         n_eval = budget.text_prompt_eval_examples
     eval_tag = "" if v.kind == "encoder" else budget_tag(eval_examples=n_eval)
     eval_json = root / "eval" / f"{slug}{eval_tag}.json"
-    evaluate = ["-m", "user_llm.evaluate", *imports, f"--num_examples={n_eval}", "--split=test",
-                f"--output={eval_json}", f"--controls={','.join(budget.controls)}"]  # fmt: skip
+    evaluate = [
+        "-m",
+        "user_llm.evaluate",
+        *imports,
+        f"--num_examples={n_eval}",
+        "--split=test",
+        f"--output={eval_json}",
+        f"--controls={','.join(budget.controls)}",
+    ]
     if v.kind == "encoder":  # the byte-vocabulary task: same examples, no LLM tokenizer needed
         head_task = f"--tasks={tasks[0].removesuffix(SUFFIX)}"
-        out.append(Stage(f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind), head_task],
-                         eval_json))  # fmt: skip
+        out.append(
+            Stage(f"eval_{slug}", [*evaluate, *gin_args(enc_files, enc_bind), head_task], eval_json)
+        )
         return out
     common = {
         "HISTORY_LENGTH": length,
@@ -314,8 +348,9 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
             common["ITEM_TEXT_TABLE"] = enc_bind["ITEM_TEXT_TABLE"]
     else:
         files = ["experiments/movielens_tp_smollm2.gin", *v.files, *overlay]
-    if v.kind == "tp_frozen":
-        common.update(MODEL_DIR=str(llm), LORA_RANK=0)
+    if v.kind == "tp_frozen":  # nothing trains: the imported LLM's own weights are evaluated
+        common["LORA_RANK"] = 0
+        evaluate.append(f"--checkpoint_dir={llm}")
     if v.form in ("tp", "tpchat"):  # room for the whole history (~37 tokens an item) + question
         common["TASK_FEATURE_LENGTHS"] = {"inputs": 40 * length + 160, "targets": 24}
         # Long prompts: small batches bound the memory of their activations and KV cache.
@@ -323,8 +358,9 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
     run_args = gin_args(files, {**common, **dict(v.bindings)})
     if v.kind != "tp_frozen":
         out.append(Stage(slug, [*train, *run_args], run_dir / "checkpoints" / str(steps)))
-    out.append(Stage(f"eval_{slug}", [*evaluate, *run_args, f"--tasks={','.join(tasks)}"],
-                     eval_json))  # fmt: skip
+    out.append(
+        Stage(f"eval_{slug}", [*evaluate, *run_args, f"--tasks={','.join(tasks)}"], eval_json)
+    )
     return out
 
 
@@ -600,9 +636,13 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
         ax.bar(range(len(names)), y, yerr=err, capsize=3, color=colors)
         ax.set_title(col, fontsize=9)
         ax.set_xticks(range(len(names)), [str(i + 1) for i in range(len(names))])
-    fig.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))],
-               [f"{i + 1}: {n}" for i, n in enumerate(names)], loc="lower center",
-               ncol=2, fontsize=8)  # fmt: skip
+    fig.legend(
+        [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))],
+        [f"{i + 1}: {n}" for i, n in enumerate(names)],
+        loc="lower center",
+        ncol=2,
+        fontsize=8,
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(names) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
@@ -711,20 +751,28 @@ def main(argv: Sequence[str]) -> None:
     title = f"{args.study} study, {args.dataset}, SmolLM2-135M"
     plot(tables["rows"], out / f"{name}.png", title)
     command = " ".join(["python -m user_llm.experiments", *sys.argv[1:]])
-    text = "\n".join([
-        f"# {title}", "",
-        f"Command: `{command}`  ",
-        f"Phase-1 steps {budget.encoder_steps}, phase-2 / LoRA steps {budget.steps} (batch 16), "
-        f"seed {budget.seed}, first {budget.eval_examples or 'all'} test users per task for the "
-        "LLM systems, all test users for the encoder head and the rules (n per row); percent "
-        "with 95% bootstrap intervals (small eval sets: read the intervals).  ",
-        PROTOCOL + "  ",
-        f"Machine: {machine()}. Compute per system (its own training and evaluation, measured "
-        "when each stage ran; shared LLM import and phase-1 encoders not counted): "
-        + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in ran.items())
-        + f". This invocation: {time.time() - start:.0f} s (finished stages are skipped).", "",
-        report(tables), "", f"![{name}]({name}.png)", "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Command: `{command}`  ",
+            f"Phase-1 steps {budget.encoder_steps}, phase-2 / LoRA steps {budget.steps} "
+            f"(batch 16), seed {budget.seed}, first {budget.eval_examples or 'all'} test users "
+            "per task for the LLM systems, all test users for the encoder head and the rules "
+            "(n per row); percent with 95% bootstrap intervals (small eval sets: read the "
+            "intervals).  ",
+            PROTOCOL + "  ",
+            f"Machine: {machine()}. Compute per system (its own training and evaluation, measured "
+            "when each stage ran; shared LLM import and phase-1 encoders not counted): "
+            + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in ran.items())
+            + f". This invocation: {time.time() - start:.0f} s (finished stages are skipped).",
+            "",
+            report(tables),
+            "",
+            f"![{name}]({name}.png)",
+            "",
+        ]
+    )
     shown_root = f"{args.model_dir.rstrip('/')}/{args.dataset}"
     text += commands_section(variants, args.dataset, root, budget, shown_root)
     write_keeping_notes(out / f"{name}.md", text)

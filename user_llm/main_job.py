@@ -51,10 +51,13 @@ def _define_flags() -> None:
     flags.DEFINE_integer("user_llm_steps", 150, "Phase-2 steps (batch 16).")
     flags.DEFINE_integer("tp_lora_steps", 0, "Steps of the TP + LoRA baseline (0: leave it out).")
     flags.DEFINE_integer("eval_examples", 64, "Test users evaluated per task (0: all 610).")
-    flags.DEFINE_integer("tp_eval_examples", 8,
-                         "Test users for the text-prompt systems (the first of the same users): "
-                         "their ~1,600-token prompts cost ~30 s per user and task on a 2-core CPU, "
-                         "~100x User-LLM's.")  # fmt: skip
+    flags.DEFINE_integer(
+        "tp_eval_examples",
+        8,
+        "Test users for the text-prompt systems (the first of the same users): "
+        "their ~1,600-token prompts cost ~30 s per user and task on a 2-core CPU, "
+        "~100x User-LLM's.",
+    )
 
 
 DATASET = "movielens"
@@ -90,8 +93,12 @@ def main(argv: Sequence[str]) -> None:
     del argv
     model_dir = Path(FLAGS.model_dir).resolve()
     root = model_dir / DATASET
-    budget = ex.Budget(FLAGS.encoder_steps, FLAGS.user_llm_steps, FLAGS.eval_examples,
-                       text_prompt_eval_examples=FLAGS.tp_eval_examples)  # fmt: skip
+    budget = ex.Budget(
+        FLAGS.encoder_steps,
+        FLAGS.user_llm_steps,
+        FLAGS.eval_examples,
+        text_prompt_eval_examples=FLAGS.tp_eval_examples,
+    )
     systems = variants(FLAGS.history_length, FLAGS.tp_lora_steps > 0)
     start = time.time()
     ran = {}
@@ -112,20 +119,30 @@ def main(argv: Sequence[str]) -> None:
     print("\n" + text, flush=True)
     (model_dir / "results.md").write_text(text)
     results = {
-        "flags": {k: FLAGS[k].value for k in ("history_length", "encoder_steps",
-                                               "user_llm_steps", "tp_lora_steps", "eval_examples",
-                                               "tp_eval_examples")},
+        "flags": {
+            k: FLAGS[k].value
+            for k in (
+                "history_length",
+                "encoder_steps",
+                "user_llm_steps",
+                "tp_lora_steps",
+                "eval_examples",
+                "tp_eval_examples",
+            )
+        },
         "results": rows,
         "paired": tables["paired"],
         "diagnostics": tables["diagnostics"],
         "stage_seconds": {k: v["seconds"] for k, v in ran.items()},
         "wall_seconds": round(time.time() - start, 1),
         "machine": ex.machine(),
-    }  # fmt: skip
+    }
     (model_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_summaries(model_dir / "summaries" / "results", rows)
-    print(f"Wrote {model_dir}/results.json, results.md, summaries/results "
-          f"({results['wall_seconds']:.0f} s)")  # fmt: skip
+    print(
+        f"Wrote {model_dir}/results.json, results.md, summaries/results "
+        f"({results['wall_seconds']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ free of it.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -41,16 +42,8 @@ def converted_example(
     task: str, feature_lengths: dict[str, int], converter: str, split: str, index: int
 ) -> dict[str, np.ndarray]:
     """Example ``index`` as a batch of one, through the run's feature converter."""
-    cfg = pipeline.DatasetConfig(
-        mixture_or_task_name=task,
-        task_feature_lengths=dict(feature_lengths),
-        split=split,
-        batch_size=1,
-        shuffle=False,
-        converter=converter,
-    )
-    ds = pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False).skip(index).take(1)
-    for batch in pipeline.numpy_batches(ds):
+    batches = pipeline.batches_in_order(task, feature_lengths, split, 1, converter)
+    for batch in itertools.islice(batches, index, index + 1):
         return batch
     raise errors.ConfigError(
         f"--example_index={index}: task {task!r} has no such {split!r} example"

@@ -108,6 +108,28 @@ def get_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def batches_in_order(
+    task: str,
+    feature_lengths: Mapping[str, int],
+    split: str,
+    batch_size: int,
+    converter: str,
+    passthrough_features: tuple[str, ...] = (),
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a task split, unshuffled, as numpy batches (the last one may be short):
+    what evaluation, ``generate`` and reports read, so example i is the same everywhere."""
+    cfg = DatasetConfig(
+        mixture_or_task_name=task,
+        task_feature_lengths=dict(feature_lengths),
+        split=split,
+        batch_size=batch_size,
+        shuffle=False,
+        converter=converter,
+        passthrough_features=passthrough_features,
+    )
+    yield from numpy_batches(get_dataset(cfg, num_epochs=1, drop_remainder=False))
+
+
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     """Iterates a batched dataset as dicts of numpy arrays."""
     for batch in ds.as_numpy_iterator():
