@@ -29,6 +29,7 @@ from user_llm import errors, metrics
 from user_llm.data import features as F
 from user_llm.data.histories import Histories, HistoryConfig
 from user_llm.data.task_data import TaskData, build_task_data
+from user_llm.feature_names import ITEM_TARGET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HISTORY_LENGTHS = (20, 50, 100, 200)
@@ -326,13 +327,15 @@ def register_family(
                     output_features = dict(text)
                     if form in ("userllm", "hybrid"):
                         output_features.update(user_output_features())
-                    # Every text task carries its next-item candidate sets (features.py).
+                    # Every text task carries its next-item candidate sets and the item
+                    # head's target (features.py).
                     output_features.update(
                         {
                             k: int_feature(0 if k.endswith("label") else 1)
                             for k in CANDIDATE_FEATURES
                         }
                     )
+                    output_features[ITEM_TARGET] = int_feature(0)
                     preprocessors = list(text_preprocessors)
                 if source is None:
                     data_source = seqio.FunctionDataSource(

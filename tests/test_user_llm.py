@@ -601,8 +601,7 @@ def _item_head_llm(**kw):
         **lm_batch(),
         **user_batch(),
         "decoder_loss_weights": jnp.broadcast_to(~prompt, (B, 8)).astype(jnp.int32),
-        "candidate_item_ids": jnp.asarray([[5, 7, 9], [11, 1, 13]]),
-        "candidate_label": jnp.asarray([2, 1]),  # next items 9 and 1 (out of vocabulary)
+        "item_target_id": jnp.asarray([9, 1]),  # 1: out of vocabulary (or another task's)
     }
     shapes = {k: v.shape for k, v in batch.items()}
     types = {k: v.dtype for k, v in batch.items()}
@@ -671,6 +670,6 @@ def test_item_head_configs_that_cannot_work_are_named():
     with pytest.raises(ValueError, match="'user_ratings' has no next-value head"):
         _item_head_llm(item_feature="user_ratings")
     model, params, batch = _item_head_llm()
-    without = {k: v for k, v in batch.items() if k != "candidate_label"}
-    with pytest.raises(ValueError, match=r"needs \['candidate_label'\] in the batch"):
+    without = {k: v for k, v in batch.items() if k != "item_target_id"}
+    with pytest.raises(ValueError, match="needs 'item_target_id' in the batch"):
         model.loss_terms(params, without, None)

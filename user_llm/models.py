@@ -21,6 +21,7 @@ import numpy as np
 from user_llm import decoding
 from user_llm import user_encoder as ue
 from user_llm.decoder import Decoder, init_cache
+from user_llm.feature_names import ITEM_TARGET, USER_PREFIX
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -438,21 +439,19 @@ FIRST_ITEM_ID = 2
 
 
 def item_targets(batch: Batch) -> Array:
-    """[b] the encoder vocabulary id of each example's next item: its candidate set's label
-    (the task's ``candidate_item_ids`` / ``candidate_label``, passed through by the converter)."""
-    missing = [k for k in ("candidate_item_ids", "candidate_label") if k not in batch]
-    if missing:
+    """[b] the encoder vocabulary id of each example's next item (``ITEM_TARGET``; < 2 on
+    examples of other tasks, so they add no item loss)."""
+    if ITEM_TARGET not in batch:
         raise ValueError(
-            f"the item head needs {missing} in the batch: add them to the dataset's "
+            f"the item head needs {ITEM_TARGET!r} in the batch: add it to the dataset's "
             "passthrough_features (models/integration/item_head.gin does)"
         )
-    ids, labels = batch["candidate_item_ids"], batch["candidate_label"]
-    return jnp.take_along_axis(ids, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    return batch[ITEM_TARGET].astype(jnp.int32)
 
 
 def user_features(batch: Batch) -> dict[str, Array]:
-    """The user-history arrays of a batch: every key that starts with ``user_``."""
-    return {k: v for k, v in batch.items() if k.startswith("user_")}
+    """The user-history arrays of a batch: every key that starts with ``USER_PREFIX``."""
+    return {k: v for k, v in batch.items() if k.startswith(USER_PREFIX)}
 
 
 class UserLLMModel(DecoderOnlyModel):

@@ -172,3 +172,17 @@ def test_hybrid_form_has_user_arrays_and_only_the_most_recent_items_as_text(ml):
         assert len(hybrid_lines) == kept + 2
         assert hybrid_lines[1:-1] == tp_lines[1 + n_items - kept : -1]  # the newest items
         assert hybrid_lines[-1] == tp_lines[-1]
+
+
+def test_item_target_is_the_next_items_id_on_next_item_examples_only(ml):
+    """The item head's target (``item_target_id``): the candidate set's labelled item on every
+    next-item example, padding on favourite-genre examples (a mixture adds no item loss there)."""
+    _, h = ml
+    neg = {s: F.user_negatives(h, sampling=s) for s in F.NEGATIVE_SAMPLINGS}
+    nxt = F.task_examples(h, "test", "next_item", "userllm", TEXT, negatives=neg)
+    rows = np.arange(len(nxt["candidate_label"]))
+    labelled = nxt["candidate_item_ids"][rows, nxt["candidate_label"]]
+    np.testing.assert_array_equal(nxt["item_target_id"], labelled)
+    assert (nxt["item_target_id"] >= NUM_RESERVED).mean() > 0.9
+    genre = F.task_examples(h, "test", "favorite_genre", "userllm", TEXT, negatives=neg)
+    assert genre["item_target_id"].dtype == np.int32 and not genre["item_target_id"].any()

@@ -32,6 +32,7 @@ import dataclasses
 import numpy as np
 
 from user_llm.data.histories import NUM_RESERVED, OOV_ID, PAD_ID, Histories
+from user_llm.feature_names import ITEM_TARGET
 
 # The user arrays every User-LLM / encoder task emits (what UserEncoderConfig consumes).
 ENCODER_FEATURES = (
@@ -326,6 +327,10 @@ def task_examples(
             [text_prompt(hh, q, text) for hh, q in zip(hist, questions, strict=True)], dtype=object
         )
     out["targets"] = targets
+    # What an item head learns (models.item_targets): the next item's encoder id on next-item
+    # examples, padding elsewhere, so a mixture trains it on the next-item questions alone.
+    item_target = split["target_item_id"] if task == "next_item" else np.zeros(len(keep))
+    out[ITEM_TARGET] = np.asarray(item_target, dtype=np.int32)
     # Every task carries the example's next-item candidate sets (only next-item metrics read
     # them), so the tasks of one dataset share their features and mix in one SeqIO mixture.
     negatives = dict(negatives or {})
