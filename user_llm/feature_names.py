@@ -11,3 +11,6 @@ USER_PREFIX = "user_"
 # examples, padding (0) on every other task's, so a mixture trains the head on next-item
 # questions alone.
 ITEM_TARGET = "item_target_id"
+# Encoder vocabulary ids below this are padding (0) and out-of-vocabulary (1): an
+# ``ITEM_TARGET`` below it means "no next item to learn" (``data.histories.NUM_RESERVED``).
+FIRST_ITEM_ID = 2

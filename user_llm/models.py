@@ -21,7 +21,7 @@ import numpy as np
 from user_llm import decoding
 from user_llm import user_encoder as ue
 from user_llm.decoder import Decoder, init_cache
-from user_llm.feature_names import ITEM_TARGET, USER_PREFIX
+from user_llm.feature_names import FIRST_ITEM_ID, ITEM_TARGET, USER_PREFIX
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -432,10 +432,6 @@ def loss_position_index(weights: Array, n: int) -> Array:
     """[b, n] int32: each row's loss-bearing positions first, in order (a stable sort), then
     the others; column 0 is the answer position (the one that predicts the first target)."""
     return jnp.argsort(weights <= 0, axis=1, stable=True)[:, :n].astype(jnp.int32)
-
-
-# Item ids below this are padding (0) and out-of-vocabulary (1) in the encoder's vocabularies.
-FIRST_ITEM_ID = 2
 
 
 def item_targets(batch: Batch) -> Array:

@@ -37,10 +37,11 @@ import pyarrow as pa
 from absl import logging
 
 from user_llm.data.tables import arrow_lists, sorted_codes
+from user_llm.feature_names import FIRST_ITEM_ID
 
 PAD_ID = 0
 OOV_ID = 1
-NUM_RESERVED = 2
+NUM_RESERVED = FIRST_ITEM_ID  # ids 0 (pad) and 1 (OOV) come first
 SPLITS = ("train", "validation", "test")
 _FIRST_INTERACTION_BUCKET = 2
 
