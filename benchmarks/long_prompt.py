@@ -8,8 +8,9 @@ and the candidates packed, without padding, into one shared prompt cache (new).
       [--prefill_lens=512,2048,4096,8192] [--tp_items=50,100,200] [--dense_max_len=4096] \
       [--old_max_items=100] [--runs=2] [--output=results/long_prompt.md]
 
-Prefill: one jitted ``Decoder`` call (``decode=True``) writing a batch-1 prompt of random token
-ids into an empty KV cache; median of ``--runs`` after a compile + warm-up call. TP scoring:
+Prefill: one jitted ``CachedDecoding.prefill`` (the model wrapper's cached path) writing a
+batch-1 prompt of random token ids into an empty KV cache, the last position's logits out;
+median of ``--runs`` after a compile + warm-up call. TP scoring:
 ``DecoderOnlyModel.score_and_predict`` on the first test user of
 ``movielens_next_item_tpchat_h{N}_smollm2`` (its real chat-template prompt of N rated movies,
 20 candidate titles, greedy answer of 24 tokens), as ``user_llm.evaluate`` runs it; the old
@@ -69,12 +70,11 @@ def _old_score_and_predict(model, params, batch, candidates, max_decode_length):
 
     b, num, cand_len = candidates.shape
     prompts, lengths = model._prompts(batch)
-    cache, prefill, append = model._cached_calls(
-        params, batch, prompts.shape[1], max(cand_len, max_decode_length)
-    )
+    run = model.cached_decoding(params, batch, prompts.shape[1], max(cand_len, max_decode_length))
+    append = run.append
     mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
     positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
-    logits, cache = prefill(prompts, mask, positions, cache)
+    logits, cache = run.prefill(prompts, mask, positions, run.cache)
     first = logits  # [b, 1, V]: the prefill returns the last prompt position's logits
     flat = candidates.reshape(b * num, cand_len)
     copies = jax.tree_util.tree_map(
@@ -94,16 +94,18 @@ def _old_score_and_predict(model, params, batch, candidates, max_decode_length):
 
 
 def prefill_rows(cfg, params, lens, dense_max_len, runs) -> list[dict]:
-    from user_llm.decoder import Decoder, init_cache
+    from user_llm.decoder import Decoder
+    from user_llm.models import DecoderOnlyModel
 
-    module = Decoder(cfg)
+    model = DecoderOnlyModel(Decoder(cfg), causal_prompt=True)
 
     def prefill(params, tokens):
-        cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
-        logits, mutated = module.apply(
-            {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
-        )
-        return logits[:, -1], mutated["cache"]
+        mask = jnp.ones(tokens.shape, bool)
+        batch = {"decoder_input_tokens": tokens, "decoder_causal_attention": mask}
+        run = model.cached_decoding(params, batch, tokens.shape[1], 0)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache = run.prefill(tokens, mask, positions, run.cache)
+        return logits[:, -1], cache
 
     rows = []
     for length in lens:

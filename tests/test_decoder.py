@@ -216,6 +216,24 @@ def test_decode_without_cache_is_a_clear_error(tiny_config):
         module.apply(variables, jnp.zeros((2, 1), jnp.int32), decode=True, mutable=["cache"])
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_cache_is_derived_from_the_module_and_empty(remat):
+    """``init_cache`` is what a decode call writes: the same tree, shapes and dtypes (a renamed
+    layer renames its entry), one slot per token of the cache length, and all zeros."""
+    cfg = tiny_decoder_config(remat_policy=remat, dtype="bfloat16")
+    module, variables = _init(cfg)
+    cache = init_cache(cfg, 2, 12)
+    _, mutated = module.apply(
+        {**variables, "cache": cache}, _random_tokens(3, (2, 5)), decode=True, mutable=["cache"]
+    )
+    spec = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+    assert spec(dict(mutated["cache"])) == spec(cache)
+    key = cache["layers_1"]["self_attention"]["cached_key"]
+    assert key.shape == (2, 12, cfg.num_kv_heads, cfg.head_dim) and key.dtype == jnp.bfloat16
+    assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(cache))
+    assert int(mutated["cache"]["cache_bookkeeping"]["index"]) == 5
+
+
 @pytest.mark.parametrize("policy", ["full", "minimal"])
 def test_remat_gives_same_values_and_gradients(policy):
     base = tiny_decoder_config()

@@ -110,12 +110,13 @@ class Attention(nn.Module):
     def _update_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
         """Writes the new keys/values at ``cache_index`` and returns the whole cache.
 
-        The cache variables must exist (created by ``Decoder.init_cache``).
+        An init with ``decode=True`` creates the cache variables, one slot per input token
+        (``decoder.init_cache`` derives the empty cache that way); an apply needs them.
         """
-        if not self.has_variable("cache", "cached_key"):
+        if not self.has_variable("cache", "cached_key") and not self.is_initializing():
             raise ValueError("decode=True needs an initialized cache: call decoder.init_cache")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, (), self.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, (), self.dtype)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         start = (0, cache_index, 0, 0)
         cached_key.value = jax.lax.dynamic_update_slice(
             cached_key.value, k.astype(cached_key.value.dtype), start

@@ -329,7 +329,7 @@ class Decoder(nn.Module):
         cache_index = None
         if decode:
             mask, positions, cache_index = self.cache_bookkeeping(
-                length, input_mask, positions, prefix_mask, segment_ids
+                batch, length, input_mask, positions, prefix_mask, segment_ids
             )
         else:
             if positions is None:
@@ -375,17 +375,18 @@ class CacheBookkeeping(nn.Module):
     @nn.compact
     def __call__(
         self,
+        batch: int,
         length: int,
         input_mask: Array | None,
         positions: Array | None,
         prefix_mask: Array | None,
         segment_ids: Array | None = None,
     ) -> tuple[Array, Array, Array]:
-        if not self.has_variable("cache", "key_valid"):
+        if not self.has_variable("cache", "key_valid") and not self.is_initializing():
             raise ValueError("decode=True needs an initialized cache: call decoder.init_cache")
         index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
-        key_valid = self.variable("cache", "key_valid", jnp.zeros, (), jnp.bool_)
-        batch, slots = key_valid.value.shape
+        key_valid = self.variable("cache", "key_valid", jnp.zeros, (batch, length), jnp.bool_)
+        slots = key_valid.value.shape[1]
         start = index.value
         new_valid = (
             jnp.ones((batch, length), bool) if input_mask is None else input_mask.astype(bool)
@@ -414,21 +415,21 @@ class CacheBookkeeping(nn.Module):
         return mask, positions, start
 
 
+def module_cache(
+    module: nn.Module, batch_size: int, cache_length: int, method: Any = None
+) -> dict[str, Any]:
+    """An empty KV cache for ``module``, derived from the module itself: the ``cache``
+    collection that an init with ``decode=True`` over ``cache_length`` tokens creates, traced
+    abstractly (no parameter is computed) and filled with zeros. ``method`` (a function of the
+    module and the tokens) reaches the decoder inside a wrapper module. A renamed layer
+    renames its cache entry with it, so nothing here spells a variable path."""
+    tokens = jnp.zeros((batch_size, cache_length), jnp.int32)
+    call = method or (lambda m, t: m(t, decode=True))
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, method=call))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes["cache"]))
+
+
 def init_cache(config: DecoderConfig, batch_size: int, cache_length: int) -> dict[str, Any]:
-    """An empty KV cache for ``batch_size`` sequences of up to ``cache_length`` tokens."""
-    dtype = as_dtype(config.dtype)
-    shape = (batch_size, cache_length, config.num_kv_heads, config.head_dim)
-    cache: dict[str, Any] = {
-        "cache_bookkeeping": {
-            "index": jnp.zeros((), jnp.int32),
-            "key_valid": jnp.zeros((batch_size, cache_length), bool),
-        }
-    }
-    for i in range(config.num_layers):
-        cache[f"layers_{i}"] = {
-            "self_attention": {
-                "cached_key": jnp.zeros(shape, dtype),
-                "cached_value": jnp.zeros(shape, dtype),
-            }
-        }
-    return cache
+    """An empty KV cache of a ``Decoder(config)`` for ``batch_size`` sequences of up to
+    ``cache_length`` tokens."""
+    return module_cache(Decoder(config), batch_size, cache_length)

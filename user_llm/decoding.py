@@ -7,7 +7,7 @@ cache; each example continues at its own position.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +42,7 @@ def decode(
     top_k: int = 0,
     pad_id: int = 0,
     prefill_fn: StepFn | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> tuple[Array, Array]:
     """Generates up to ``max_decode_length`` tokens after each prompt.
 
@@ -51,13 +52,20 @@ def decode(
     ``pad_id`` with log-probability 0. The loop stops early once every example is done.
     ``prefill_fn`` (default ``step_fn``) reads the prompts; a model whose first call differs
     (a soft prompt is prepended once) passes its own. It returns logits for every prompt
-    position, or [b, 1, V] for each prompt's last one only.
+    position, or [b, 1, V] for each prompt's last one only. ``suppress_ids`` are never
+    generated (their logits are -inf before sampling and in the log-probabilities), e.g. EOS
+    to force a fixed length, as Hugging Face's ``min_new_tokens`` does.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and rng is None:
         raise ValueError("Sampling (temperature > 0) needs an rng")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    suppress = jnp.asarray(list(suppress_ids), jnp.int32)
+
+    def allowed(logits: Array) -> Array:
+        return logits.at[..., suppress].set(-jnp.inf) if len(suppress_ids) else logits
+
     batch, prompt_len = prompts.shape
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     prompt_mask = jnp.arange(prompt_len)[None, :] < prompt_lengths[:, None]
@@ -67,6 +75,7 @@ def decode(
         last = logits[:, 0]
     else:
         last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    last = allowed(last)
 
     def cond(state):
         t, _, _, _, done, _, _ = state
@@ -85,7 +94,7 @@ def decode(
             done = done | (token == eos_id)
         pos = (prompt_lengths + t)[:, None]
         step_logits, cache = step_fn(token[:, None], jnp.ones((batch, 1), bool), pos, cache)
-        return t + 1, out, logprobs, step_logits[:, 0], done, cache, rng
+        return t + 1, out, logprobs, allowed(step_logits[:, 0]), done, cache, rng
 
     state = (
         jnp.zeros((), jnp.int32),

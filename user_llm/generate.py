@@ -6,7 +6,8 @@ r"""Text generation from an imported (or fine-tuned) checkpoint, on whatever JAX
   python -m user_llm.generate --checkpoint=/tmp/smollm2 --chat --prompt="Recommend a movie."
 
 Greedy by default (``--temperature`` > 0 samples, ``--top_k`` restricts). Prompts are
-right-padded into one batch and decoded by ``decoding.decode`` with a KV cache, all under one
+right-padded into one batch and decoded by ``DecoderOnlyModel.predict_batch_with_aux`` (the one
+cached decoding path, ``models.CachedDecoding``), all under one
 ``jax.jit``. Plain causal attention over the prompt (no prefix-LM bidirectionality), which is
 how the pretrained model was trained. No TensorFlow is imported.
 
@@ -40,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from user_llm import checkpoints, decoding, errors
+from user_llm import checkpoints, errors
 from user_llm.convert.common import config_from_dict, load_config
-from user_llm.decoder import Decoder, DecoderConfig, init_cache
+from user_llm.decoder import Decoder, DecoderConfig
+from user_llm.models import DecoderOnlyModel
 
 FLAGS = flags.FLAGS
 
@@ -99,36 +101,23 @@ def make_generate_fn(
     ``suppress_ids`` are never generated (their logits are set to -inf), e.g. EOS to force a
     fixed length, as Hugging Face's ``min_new_tokens`` does.
     """
-    module = Decoder(cfg)
-    suppress = jnp.asarray(list(suppress_ids), jnp.int32)
+    model = DecoderOnlyModel(
+        Decoder(cfg), eos_id=eos_id, max_decode_length=max_decode_length, causal_prompt=True
+    )
 
     def generate_fn(params, prompts, lengths, rng):
-        cache = init_cache(cfg, prompts.shape[0], prompts.shape[1] + max_decode_length)
-
-        def step_fn(tokens, input_mask, positions, cache):
-            logits, mutated = module.apply(
-                {"params": params, "cache": cache},
-                tokens,
-                positions=positions,
-                input_mask=input_mask,
-                decode=True,
-                mutable=["cache"],
-            )
-            if len(suppress_ids):
-                logits = logits.at[..., suppress].set(-jnp.inf)
-            return logits, mutated["cache"]
-
-        return decoding.decode(
-            step_fn,
-            prompts,
-            lengths,
-            cache,
+        mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
+        batch = {"decoder_input_tokens": prompts, "decoder_causal_attention": mask}
+        tokens, aux = model.predict_batch_with_aux(
+            params,
+            batch,
+            rng,
             max_decode_length=max_decode_length,
-            eos_id=eos_id,
-            rng=rng,
             temperature=temperature,
             top_k=top_k,
+            suppress_ids=suppress_ids,
         )
+        return tokens, aux["logprobs"]
 
     return jax.jit(generate_fn)
 

@@ -10,7 +10,8 @@ Subclasses (User-LLM) add inputs to the module through ``module_inputs``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ import numpy as np
 
 from user_llm import decoding
 from user_llm import user_encoder as ue
-from user_llm.decoder import Decoder, init_cache
+from user_llm.decoder import Decoder, module_cache
 from user_llm.feature_names import FIRST_ITEM_ID, ITEM_TARGET, USER_PREFIX
 
 Array = jax.Array
@@ -82,6 +83,71 @@ def cross_entropy_terms(
         "correct_sum": jnp.sum(correct * weights),
     }
     return loss + z_term, jnp.sum(weights), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+    """What each cached call of one batch adds to the module's inputs, computed once per batch
+    before the loop (User-LLM encodes the user here)."""
+
+    prefill: Mapping[str, Any]  # keyword inputs of the call that reads the prompts
+    step: Mapping[str, Any]  # ... of every later call (decoding steps, candidates)
+    extra_slots: int = 0  # cache slots the prefill fills beyond the prompt (a soft prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDecoding:
+    """One batch's cached decoding, the single path that generation, candidate scoring and the
+    benchmarks share.
+
+    ``cache`` starts empty. ``prefill`` reads the prompts into it and returns the logits of each
+    prompt's last real token ([b, 1, V]); the prompt is bidirectional unless the model reads it
+    causally (as training did). ``append`` adds tokens after what is cached: one decoding step,
+    or candidate continuations as ``segment_ids`` >= 1 that each see the prompt and their own
+    tokens only. Both map (tokens, input_mask, positions, cache) to (logits, cache), the
+    ``decoding.StepFn`` that ``decoding.decode`` takes.
+    """
+
+    module: nn.Module
+    params: Params
+    inputs: DecodeInputs
+    prompt_prefix: Array | None
+    cache: Any
+
+    def prefill(
+        self, tokens: Array, input_mask: Array, positions: Array, cache: Any
+    ) -> tuple[Array, Any]:
+        last = jnp.sum(input_mask, axis=-1, keepdims=True) - 1
+        prefix, inputs = self.prompt_prefix, self.inputs.prefill
+        return self._call(tokens, input_mask, positions, cache, prefix, None, last, inputs)
+
+    def append(
+        self,
+        tokens: Array,
+        input_mask: Array,
+        positions: Array,
+        cache: Any,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, Any]:
+        return self._call(
+            tokens, input_mask, positions, cache, None, segment_ids, None, self.inputs.step
+        )
+
+    def _call(self, tokens, input_mask, positions, cache, prefix, segment_ids, last, inputs):
+        """One ``decode=True`` apply that appends ``tokens`` to ``cache``."""
+        logits, mutated = self.module.apply(
+            {"params": self.params, "cache": cache},
+            tokens,
+            positions=positions,
+            input_mask=input_mask,
+            prefix_mask=prefix,
+            segment_ids=segment_ids,
+            decode=True,
+            mutable=["cache"],
+            logits_index=last,
+            **inputs,
+        )
+        return logits, mutated["cache"]
 
 
 class DecoderOnlyModel:
@@ -214,31 +280,32 @@ class DecoderOnlyModel:
         max_decode_length: int | None = None,
         temperature: float = 0.0,
         top_k: int = 0,
+        suppress_ids: Sequence[int] = (),
     ) -> tuple[Array, dict[str, Array]]:
-        """Continues each prompt; returns (tokens [b, max_decode_length], {"scores": ...}).
+        """Continues each prompt; returns (tokens [b, max_decode_length], {"scores": summed
+        log-probability of the tokens, "logprobs": each token's [b, max_decode_length]}).
 
         The prompt is the ``decoder_causal_attention`` part of ``decoder_input_tokens`` (the
         shifted BOS plus the inputs, as SeqIO's prefix-LM converter lays them out); without it
-        the prompt is the BOS alone.
+        the prompt is the BOS alone. ``suppress_ids`` are never generated.
         """
         max_decode_length = max_decode_length or self.max_decode_length
         prompts, lengths = self._prompts(batch)
-        cache, prefill, step = self._cached_calls(
-            params, batch, prompts.shape[1], max_decode_length
-        )
+        run = self.cached_decoding(params, batch, prompts.shape[1], max_decode_length)
         out, logprobs = decoding.decode(
-            step,
+            run.append,
             prompts,
             lengths,
-            cache,
+            run.cache,
             max_decode_length=max_decode_length,
             eos_id=self.eos_id,
             rng=rng,
             temperature=temperature,
             top_k=top_k,
-            prefill_fn=prefill,
+            prefill_fn=run.prefill,
+            suppress_ids=suppress_ids,
         )
-        return out, {"scores": jnp.sum(logprobs, axis=-1)}
+        return out, {"scores": jnp.sum(logprobs, axis=-1), "logprobs": logprobs}
 
     def _prompts(self, batch: Batch) -> tuple[Array, Array]:
         """(right-padded prompts [b, P], lengths [b]): the ``decoder_causal_attention`` part of
@@ -250,42 +317,16 @@ class DecoderOnlyModel:
             return tokens, lengths.astype(jnp.int32)
         return tokens[:, :1], jnp.ones((tokens.shape[0],), jnp.int32)
 
-    def _cached_calls(self, params: Params, batch: Batch, prompt_len: int, new_tokens: int):
-        """(empty cache, prefill call, append call) for cached decoding or scoring.
-
-        Each call maps (tokens, input_mask, positions, cache[, segment_ids]) to (logits,
-        cache); ``segment_ids`` append independent continuations (see ``Decoder``). The
-        prefill call returns the logits of each prompt's last real token only ([b, 1, V]), as
-        ``decoding.decode`` accepts. The user is
-        encoded once here; the prefill call sees the prompt bidirectionally unless
-        ``causal_prompt`` (as training did).
-        """
-        step_inputs, extra_slots = self.decode_inputs(params, batch)
+    def cached_decoding(
+        self, params: Params, batch: Batch, prompt_len: int, new_tokens: int
+    ) -> CachedDecoding:
+        """The ``CachedDecoding`` of ``batch``: a cache with room for its prompts (padded to
+        ``prompt_len``) and ``new_tokens`` more, and the calls that fill it."""
+        inputs = self.decode_inputs(params, batch)
         batch_size = batch["decoder_input_tokens"].shape[0]
-        cache = self.init_cache(batch_size, extra_slots + prompt_len + new_tokens)
-        prompt_prefix = self.prefix_mask(batch)
-
-        def call(is_prefill: bool):
-            def fn(tokens, input_mask, positions, cache, segment_ids=None):
-                # A prefill returns only the last prompt token's logits: [b, 1, V].
-                last = jnp.sum(input_mask, axis=-1, keepdims=True) - 1 if is_prefill else None
-                logits, mutated = self.module.apply(
-                    {"params": params, "cache": cache},
-                    tokens,
-                    positions=positions,
-                    input_mask=input_mask,
-                    prefix_mask=prompt_prefix if is_prefill and prompt_len > 1 else None,
-                    segment_ids=segment_ids,
-                    decode=True,
-                    mutable=["cache"],
-                    logits_index=last,
-                    **step_inputs(is_prefill),
-                )
-                return logits, mutated["cache"]
-
-            return fn
-
-        return cache, call(True), call(False)
+        cache = self.init_cache(batch_size, inputs.extra_slots + prompt_len + new_tokens)
+        prefix = self.prefix_mask(batch) if prompt_len > 1 else None
+        return CachedDecoding(self.module, params, inputs, prefix, cache)
 
     def score_candidates(self, params: Params, batch: Batch, candidates: Array) -> Array:
         """Log-likelihood [b, C] of each of C candidate continuations of each prompt.
@@ -317,12 +358,10 @@ class DecoderOnlyModel:
         b, num, cand_len = candidates.shape
         width = packed_width or num * cand_len
         prompts, lengths = self._prompts(batch)
-        cache, prefill, append = self._cached_calls(
-            params, batch, prompts.shape[1], max(width, max_decode_length)
-        )
+        run = self.cached_decoding(params, batch, prompts.shape[1], max(width, max_decode_length))
         prompt_mask = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(prompts.shape[1]), prompts.shape)
-        logits, cache = prefill(prompts, prompt_mask, positions, cache)
+        logits, cache = run.prefill(prompts, prompt_mask, positions, run.cache)
         first = logits[:, 0]  # [b, V]: the prefill returns the last prompt position's logits
         # Pack: token j of candidate c goes to slot offset[c] + j (padding to a dump slot),
         # as segment c + 1 at position length + j, so it sees the prompt and its own tokens.
@@ -338,7 +377,7 @@ class DecoderOnlyModel:
         seg_ids = jnp.broadcast_to(jnp.arange(1, num + 1)[None, :, None], candidates.shape)
         pos = jnp.broadcast_to(lengths[:, None, None] + jnp.arange(cand_len), candidates.shape)
         packed = pack(candidates)
-        cand_logits, _ = append(packed, packed != 0, pack(pos), cache, pack(seg_ids))
+        cand_logits, _ = run.append(packed, packed != 0, pack(pos), cache, pack(seg_ids))
         # Token j of a candidate is predicted by the prompt's last logits (j = 0) or by the
         # candidate's own token j - 1 (the slot before it).
         cand_logits = cand_logits.astype(jnp.float32)
@@ -357,7 +396,7 @@ class DecoderOnlyModel:
         if max_decode_length == 0:
             return scores, jnp.zeros((b, 0), jnp.int32)
         tokens, _ = decoding.decode(
-            append,
+            run.append,
             prompts,
             lengths,
             cache,
@@ -372,17 +411,15 @@ class DecoderOnlyModel:
         del params, batch
         return {}
 
-    def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
-        """(fn(is_prefill) -> extra module kwargs, extra cache slots) for cached decoding.
-
-        Computed once per batch, before the loop (User-LLM encodes the user here).
-        """
+    def decode_inputs(self, params: Params, batch: Batch) -> DecodeInputs:
+        """The module inputs of cached decoding beyond tokens and masks (``module_inputs``)."""
         del params
         extra = self.module_inputs(batch)
-        return (lambda is_prefill: extra), 0
+        return DecodeInputs(prefill=extra, step=extra)
 
     def init_cache(self, batch_size: int, length: int) -> dict[str, Any]:
-        return init_cache(self.module.config, batch_size, length)
+        """An empty cache of ``length`` slots, derived from the module (``module_cache``)."""
+        return module_cache(self.module, batch_size, length)
 
     # -- initialization -------------------------------------------------------------------
     def get_initial_variables(
@@ -499,23 +536,24 @@ class UserLLMModel(DecoderOnlyModel):
         hidden = self._forward(params, batch, None, True, logits_index=answer, return_hidden=True)
         return self.module.apply({"params": params}, hidden[:, 0], method="item_logits")
 
-    def decode_inputs(self, params: Params, batch: Batch) -> tuple[Any, int]:
+    def decode_inputs(self, params: Params, batch: Batch) -> DecodeInputs:
+        """The user, encoded once per batch; a soft prompt is prepended by the prefill only."""
         context, context_mask = self.module.apply(
             {"params": params}, user_features(batch), method="encode_user"
         )
+        user = {"context": context, "context_mask": context_mask}
         soft_prompt = self.module.integration.mode == "soft_prompt"
-
-        def inputs(is_prefill: bool) -> dict[str, Any]:
-            return {
-                "context": context,
-                "context_mask": context_mask,
-                "prepend_soft_prompt": is_prefill,
-            }
-
-        return inputs, context.shape[1] if soft_prompt else 0
+        return DecodeInputs(
+            prefill={**user, "prepend_soft_prompt": True},
+            step={**user, "prepend_soft_prompt": False},
+            extra_slots=context.shape[1] if soft_prompt else 0,
+        )
 
     def init_cache(self, batch_size: int, length: int) -> dict[str, Any]:
-        return {"decoder": init_cache(self.module.decoder_config, batch_size, length)}
+        """The decoder's empty cache, under the UserLLM module's own variable tree."""
+        return module_cache(
+            self.module, batch_size, length, method=lambda m, t: m.decoder(t, decode=True)
+        )
 
     def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
         """Is the LLM reading the user? One forward pass on ``batch``, giving per cross-attention
