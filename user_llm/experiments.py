@@ -78,10 +78,12 @@ RECIPE = ENC_RECIPE + (("STRATEGY", "proj"),)
 # The item head (sweep row 9): the LLM also answers in the encoder's item space, and its item
 # loss is what made next-item answers depend on the user (results/phase2_recipe_itemhead450.md).
 ITEM_HEAD = ("models/integration/item_head.gin",)
-# The system the main job and the studies build on. The item head is not in it yet: it was
-# measured on next movie alone at 450 steps (row 9); row 11, the main job's budget with both
-# tasks, has not run. Adding ``files=ITEM_HEAD`` here is the next step once it has.
-XATTN = Variant("User-LLM, cross-attention (Proj, recipe)", bindings=RECIPE)
+# The system the main job and the studies build on: the recipe plus the item head, which made
+# next-movie answers depend on the user at the main job's budget (sweep row 11,
+# results/phase2_recipe_itemhead_both.md).
+XATTN = Variant(
+    "User-LLM, cross-attention + item head (Proj, recipe)", files=ITEM_HEAD, bindings=RECIPE
+)
 RECIPE_SWEEP = [  # in the order they were run
     Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
     Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),
@@ -147,6 +149,7 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
     "strategies": [
         Variant(
             f"User-LLM, {s}",
+            files=ITEM_HEAD,
             bindings=RECIPE
             + (("STRATEGY", s),)
             + ((("decoder.DecoderConfig.lora_rank", 8),) if s == "lora" else ()),
@@ -157,20 +160,27 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
     + [
         Variant(
             f"User-LLM, Perceiver {n} latents",
+            files=ITEM_HEAD,
             bindings=RECIPE + (("USE_PERCEIVER", True), ("NUM_LATENTS", n)),
         )
         for n in (4, 16, 32)
     ],
     "encoders": [
         dataclasses.replace(XATTN, name="User-LLM, AR early fusion"),
-        Variant("User-LLM, AR late fusion", encoder="late", bindings=RECIPE),
+        Variant("User-LLM, AR late fusion", encoder="late", files=ITEM_HEAD, bindings=RECIPE),
+        # The dual encoder has no next-item head for the item head to score with.
         Variant("User-LLM, dual encoder", encoder="dual", bindings=RECIPE),
         Variant("AR early fusion encoder head", kind="encoder"),
         Variant("AR late fusion encoder head", kind="encoder", encoder="late"),
         Variant("Dual encoder head", kind="encoder", encoder="dual"),
         # The encoder never sees a title; these add each item's frozen title vector (the LLM's
         # own token embeddings), so the states it hands the LLM are partly in the LLM's space.
-        Variant("User-LLM, AR early fusion + item titles", encoder="titles", bindings=RECIPE),
+        Variant(
+            "User-LLM, AR early fusion + item titles",
+            encoder="titles",
+            files=ITEM_HEAD,
+            bindings=RECIPE,
+        ),
         Variant("AR early fusion + item titles encoder head", kind="encoder", encoder="titles"),
     ],
     "phase2_recipe": RECIPE_SWEEP,
@@ -179,6 +189,7 @@ STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus
         Variant(
             "Embedding + last 5 items as text",
             form="hybrid",
+            files=ITEM_HEAD,
             bindings=RECIPE + (("TASK_FEATURE_LENGTHS", {"inputs": 256, "targets": 24}),),
         ),
         Variant(

@@ -13,7 +13,10 @@ resumes where it stopped):
    strategy): gated cross-attention in every 6th layer over the encoder's 50 output vectors,
    each block's output scaled to the residual stream's RMS, the integration at 10x the base
    learning rate, trained on next movie + favorite genre: the recipe of
-   ``results/phase2_recipe.md`` (``experiments.RECIPE``).
+   ``results/phase2_recipe.md`` (``experiments.RECIPE``). An item head (an extension, not in
+   the paper) also scores the LLM's answer-position state against every movie with the
+   encoder's own next-item head (``models/integration/item_head.gin``): its full-catalogue loss
+   is what made next-movie answers depend on the user (sweep row 11).
 4. ``eval/``: User-LLM on the first ``--eval_examples`` test users, with its shuffled-user and
    no-user controls (paired intervals); the frozen SmolLM2 reading the history as text in its
    chat template (TP, zero-shot) on the same users; the encoder's own next-item head and the
