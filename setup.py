@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",  # renders the model's own chat template
     "tensorboard==2.21.0",
     "rouge-score==0.1.2",  # ROUGE-Lsum for review generation
     "nltk==3.10.4",  # rouge-score's tokenizer dependency, pinned

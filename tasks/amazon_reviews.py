@@ -15,9 +15,10 @@ from __future__ import annotations
 import seqio
 
 from tasks import common
+from user_llm.data import families
 from user_llm.data.features import DatasetText
 
-FAMILY = common.Family(
+FAMILY = families.Family(
     name="amazon_reviews",
     env_var="USER_LLM_AMAZON_DIR",
     default_dir="../shared/data/amazon_reviews_2023",

@@ -1,161 +1,40 @@
-"""Shared SeqIO registration for the User-LLM tasks of every dataset family.
+"""SeqIO registration of the User-LLM tasks of every dataset family; only that.
 
 Task names: ``{dataset}_{task}_{form}_h{history_length}{suffix}``, e.g.
 ``movielens_next_item_userllm_h50``, ``movielens_next_item_tp_h50``,
 ``amazon_reviews_review_gen_userllm_h20``, and ``{dataset}_encoder_pretrain_h{L}{suffix}``.
 
-Data is read lazily, at dataset-build time, from the directory named by the family's
-environment variable (else its default), so registering never touches the disk and a task
-whose files are absent still registers but fails with a message naming the variable. Histories
-are built once per (dataset, data_dir, history config) in this process and shared by every
-task that uses them.
+Where the data is, and the examples built from it once per process, are
+``user_llm.data.families``: a task's source reads them lazily, so registering never touches
+the disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from user_llm import errors, metrics
+from user_llm import metrics
 from user_llm.data import features as F
-from user_llm.data.histories import Histories, HistoryConfig
-from user_llm.data.task_data import TaskData, build_task_data
+from user_llm.data.families import (
+    EmptyTaskError,
+    Family,
+    examples,
+    family_task_data,
+    resolve_data_dir,
+)
+from user_llm.data.histories import SPLITS, Histories
 from user_llm.feature_names import ITEM_TARGET
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_HISTORY_LENGTHS = (20, 50, 100, 200)
-SPLITS = ("train", "validation", "test")
 # Both candidate sets of every text task (features.py): popularity-sampled, then uniform.
 CANDIDATE_FEATURES = tuple(
     prefix + key for prefix in F.CANDIDATE_PREFIXES.values() for key in F.CANDIDATE_KEYS
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A dataset family: where its files are and which tasks it supports."""
-
-    name: str  # "movielens"; also the ``readers.load`` dataset name
-    env_var: str
-    default_dir: str | None  # None: the reader's own default (MovieLens: bundled archive)
-    text: F.DatasetText
-    tasks: tuple[str, ...]
-    # Task-name spelling of favorite_genre (e.g. "favorite_category" for reviews datasets).
-    favorite_name: str = "favorite_genre"
-    history_lengths: tuple[int, ...] = DEFAULT_HISTORY_LENGTHS
-    min_interactions: int = 5
-
-    def task_label(self, task: str) -> str:
-        return self.favorite_name if task == "favorite_genre" else task
-
-
-class EmptyTaskError(errors.UserLLMError, ValueError):
-    """A task split without a single example; the message names the task and why."""
-
-
-class MissingDataError(FileNotFoundError):
-    """A task's data files are absent; the message says which env var / files to provide."""
-
-
-@gin.configurable(module="tasks")
-def data_settings(
-    data_dirs: dict[str, str] | None = None, lenient: bool = False
-) -> tuple[dict[str, str], bool]:
-    """Where each family's release files are (``{"amazon_reviews": "/data/amazon"}``; a family
-    not named falls back to its environment variable, then its default) and whether readers
-    skip and count bad rows (``lenient``) instead of stopping at the first. Gin-configurable
-    (``--gin.tasks.data_settings.lenient=True``), so a run's ``config.gin`` records both."""
-    return dict(data_dirs or {}), bool(lenient)
-
-
-def resolve_data_dir(family: Family) -> str | None:
-    """The family's data directory (gin ``data_settings``, else its env var, else default);
-    raises if it does not exist."""
-    value = data_settings()[0].get(family.name) or os.environ.get(family.env_var)
-    value = value or family.default_dir
-    if value is None:
-        if family.name == "movielens":
-            return None  # the bundled ml-latest-small
-        raise MissingDataError(
-            f"{family.name} tasks need data: set {family.env_var} to a folder of the release "
-            "files (see user_llm/data/readers)."
-        )
-    path = Path(value)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.exists():
-        raise MissingDataError(
-            f"{family.name} data not found at {path}: set {family.env_var} to a folder holding "
-            "the release files (see user_llm/data/readers)."
-        )
-    return str(path)
-
-
-def data_available(family: Family) -> bool:
-    """Whether the family's tasks can be built here (without reading the data)."""
-    try:
-        resolve_data_dir(family)
-    except MissingDataError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=8)
-def task_data(
-    dataset: str, data_dir: str | None, config: HistoryConfig, lenient: bool = False
-) -> TaskData:
-    """Reads the dataset and builds its histories once per process (several tasks share it)."""
-    return build_task_data(dataset, data_dir, config, lenient)
-
-
-def family_task_data(family: Family, history_length: int) -> TaskData:
-    return _family_task_data(family, resolve_data_dir(family), data_settings()[1], history_length)
-
-
-def _family_task_data(
-    family: Family, data_dir: str | None, lenient: bool, history_length: int
-) -> TaskData:
-    config = HistoryConfig(
-        max_history_length=history_length, min_interactions=family.min_interactions
-    )
-    return task_data(family.name, data_dir, config, lenient)
-
-
-@functools.lru_cache(maxsize=32)
-def _examples(
-    family: Family,
-    data_dir: str | None,
-    lenient: bool,
-    history_length: int,
-    task: str,
-    form: str,
-    split: str,
-):
-    data = _family_task_data(family, data_dir, lenient, history_length)
-    return F.task_examples(
-        data.histories,
-        split,
-        task,
-        form,
-        family.text,
-        review_texts=data.review_texts[split],
-        negatives=data.negatives,
-    )
-
-
-def examples(family: Family, history_length: int, task: str, form: str, split: str):
-    """The numpy examples of one task split (cached; used by sources, tests and eval)."""
-    lenient = data_settings()[1]
-    return _examples(family, resolve_data_dir(family), lenient, history_length, task, form, split)
 
 
 def _dataset_fn(family: Family, history_length: int, task: str, form: str) -> Callable:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import seqio
 
 from tasks import common
+from user_llm.data import families
 from user_llm.data.features import DatasetText
 
-FAMILY = common.Family(
+FAMILY = families.Family(
     name="google_local",
     env_var="USER_LLM_GOOGLE_LOCAL_DIR",
     default_dir=None,

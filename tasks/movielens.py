@@ -13,9 +13,10 @@ from __future__ import annotations
 import seqio
 
 from tasks import common
+from user_llm.data import families
 from user_llm.data.features import DatasetText
 
-FAMILY = common.Family(
+FAMILY = families.Family(
     name="movielens",
     env_var="USER_LLM_MOVIELENS_DIR",
     default_dir=None,

@@ -28,12 +28,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tasks import common, movielens
+from user_llm.data import families, tfds_builders
 from user_llm.data import features as F
-from user_llm.data import tfds_builders
 from user_llm.data.histories import Histories, HistoryConfig, Vocabulary
 
 
-def tfds_name(family: common.Family, source: str, history_length: int) -> str:
+def tfds_name(family: families.Family, source: str, history_length: int) -> str:
     """``user_llm_{family}/{source}_h{L}:{version}``."""
     return f"user_llm_{family.name}/{source}_h{history_length}:{tfds_builders.VERSION}"
 
@@ -58,7 +58,7 @@ def _read_split(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
     """Every element of a TFDS split as stacked numpy arrays (text decoded to str)."""
     rows = list(tfds.as_numpy(dataset))
     if not rows:
-        raise common.EmptyTaskError("a TFDS split without examples")
+        raise families.EmptyTaskError("a TFDS split without examples")
     out = {}
     for key in rows[0]:
         values = np.stack([r[key] for r in rows])
@@ -70,7 +70,7 @@ def _read_split(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
 
 
 def _to_task_examples(
-    family: common.Family, name: str, data_dir: str | None, length: int, task: str, form: str
+    family: families.Family, name: str, data_dir: str | None, length: int, task: str, form: str
 ) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
     def to_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
         h = _catalogue_histories(name, data_dir, length)
@@ -89,7 +89,7 @@ def _to_task_examples(
 
 
 def register_tfds_tasks(
-    family: common.Family, source: str, data_dir: str | None = None, suffix: str = "_tfds"
+    family: families.Family, source: str, data_dir: str | None = None, suffix: str = "_tfds"
 ) -> list[str]:
     """Registers ``family``'s tasks over the TFDS datasets built from ``source``."""
 

@@ -42,6 +42,7 @@ COMPOSED_AFTER = {
     XATTN: [TINY_LLM, AR],
     "models/integration/soft_prompt.gin": [TINY_LLM, AR],
     "models/integration/perceiver.gin": [TINY_LLM, AR, XATTN],
+    "models/integration/perceiver_plus_states.gin": [TINY_LLM, AR, XATTN],
     "models/integration/belief_tokens.gin": [TINY_LLM, AR, XATTN],
 }
 
@@ -78,7 +79,9 @@ def test_every_gin_file_parses_finalizes_and_builds(name):
                 mode = "soft_prompt" if "soft_prompt" in name else "cross_attention"
                 assert module.integration.mode == mode
                 assert bool(module.decoder_config.cross_attention_layers) == (mode != "soft_prompt")
-                assert module.integration.use_perceiver == name.endswith("perceiver.gin")
+                assert module.integration.use_perceiver == ("perceiver" in name)
+                plus_states = name.endswith("perceiver_plus_states.gin")
+                assert module.integration.keep_encoder_states == plus_states
                 assert bool(module.integration.belief_top_k) == name.endswith("belief_tokens.gin")
         if "runs/" in name or "experiments/" in name or name in OVERLAYS:
             from user_llm import train as train_lib

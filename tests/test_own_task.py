@@ -11,6 +11,8 @@ import textwrap
 import pytest
 from conftest import run_module
 
+from user_llm.data import families
+
 TASK = "movielens_likes_next_userllm_h20"
 MODULE = textwrap.dedent(
     '''
@@ -27,7 +29,7 @@ MODULE = textwrap.dedent(
 
 
     def likes_next_fn(split, shuffle_files, seed=None):
-        data = common.family_task_data(movielens.FAMILY, HISTORY_LENGTH)
+        data = families.family_task_data(movielens.FAMILY, HISTORY_LENGTH)
         examples = data.histories.splits[split]
         n = len(examples["user_index"])
         return tf.data.Dataset.from_tensor_slices(
@@ -158,7 +160,7 @@ def test_built_in_example_shows_recent_titles_and_has_a_text_prompt_twin():
     raw = personalized.raw_example(task, {"inputs": 64, "targets": 64}, "test", 3)
     shown = personalized.history_in_short(task, raw)
     info = common.task_info(task)
-    h = common.family_task_data(info.family, info.history_length).histories
+    h = families.family_task_data(info.family, info.history_length).histories
     test = h.splits["test"]
     n = int(np.asarray(test["user_mask"][3]).sum())
     newest = h.item_titles[test["user_item_index"][3][n - 1]]

@@ -43,6 +43,11 @@ VARIANTS = {
         IntegrationConfig(use_perceiver=True, perceiver=PERCEIVER),
     ),
     "xattn_dual": (dict(cross_attention_layers=(1,)), {}, IntegrationConfig(encoder_kind="dual")),
+    "xattn_perceiver_plus_states": (
+        dict(cross_attention_layers=(1,)),
+        {},
+        IntegrationConfig(use_perceiver=True, perceiver=PERCEIVER, keep_encoder_states=True),
+    ),
     "soft_prompt_perceiver": (
         {},
         {},
@@ -288,7 +293,10 @@ def test_unknown_strategy_is_named():
         strategies.trainable_mask({"a": jnp.ones(1)}, "adapters")
 
 
-@pytest.mark.parametrize("variant", ["xattn_ar_early", "soft_prompt_perceiver", "xattn_dual"])
+@pytest.mark.parametrize(
+    "variant",
+    ["xattn_ar_early", "soft_prompt_perceiver", "xattn_dual", "xattn_perceiver_plus_states"],
+)
 def test_cached_decoding_matches_uncached_greedy(variant):
     model, variables, _ = build(variant)
     params = _open_gates(nn.unbox(variables)["params"], 0.7)
@@ -368,6 +376,38 @@ def test_integration_config_errors_are_clear():
         IntegrationConfig(mode="prefix")
     with pytest.raises(ValueError, match="fusion"):
         dataclasses.replace(ENCODER, fusion="middle")
+    with pytest.raises(ValueError, match="keep_encoder_states.*use_perceiver=True"):
+        IntegrationConfig(keep_encoder_states=True)
+
+
+def test_perceiver_plus_states_context_is_the_latents_then_every_state():
+    """The context holds the Perceiver's latents (present when the user has a history) and then
+    the uncompressed states at their own mask: each part equals what the Perceiver-only and the
+    Perceiver-free models, with the same parameters, hand the LLM."""
+    model, variables, _ = build("xattn_perceiver_plus_states")
+    params = nn.unbox(variables)["params"]
+    features = user_batch(lengths=(6, 0))  # the second user has no history at all
+    context, mask = model.module.apply({"params": params}, features, method="encode_user")
+    n = PERCEIVER.num_latents
+    assert context.shape == (B, n + L, model.module.decoder_config.embed_dim)
+    np.testing.assert_array_equal(mask[:, :n], [[True] * n, [False] * n])
+    np.testing.assert_array_equal(mask[:, n:], features["user_mask"])
+
+    def alone(**kw):
+        integration = dataclasses.replace(model.module.integration, **kw)
+        module = dataclasses.replace(model.module, integration=integration)
+        kept = (
+            params
+            if kw.get("use_perceiver", True)
+            else {k: v for k, v in params.items() if k != "perceiver"}
+        )
+        return module.apply({"params": kept}, features, method="encode_user")
+
+    latents, latent_mask = alone(keep_encoder_states=False)
+    states, state_mask = alone(keep_encoder_states=False, use_perceiver=False)
+    np.testing.assert_array_equal(context[:, :n], latents)
+    np.testing.assert_array_equal(context[:, n:], states)
+    np.testing.assert_array_equal(mask, np.concatenate([latent_mask, state_mask], axis=1))
 
 
 @pytest.mark.parametrize("causal_prompt", [False, True])

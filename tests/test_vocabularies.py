@@ -127,3 +127,31 @@ def test_malformed_tokenizer_config_is_a_tokenizer_error(tmp_path, text, message
     (tmp_path / "tokenizer_config.json").write_text(text)
     with pytest.raises(TokenizerError, match=f"tokenizer_config.json: {message}"):
         BPETokenizer.from_hf_dir(tmp_path)
+
+
+def test_chat_template_is_rendered_by_jinja_whatever_its_format(tok):
+    """Any model's Jinja template renders (not ChatML only); no template falls back to ChatML;
+    a template that refuses the chat, or is not Jinja, is a clear error."""
+    import copy
+
+    from user_llm.vocabularies import TokenizerError
+
+    msgs = [{"role": "user", "content": "Hi"}]
+    other = copy.copy(tok)
+    other.chat_template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
+    )
+    assert other.apply_chat_template(msgs) == "<|im_start|>[USER] Hi\n[ASSISTANT]"
+    other.chat_template = None
+    assert other.apply_chat_template(msgs, system_prompt="S") == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    other.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(TokenizerError, match="roles must alternate"):
+        other.apply_chat_template(msgs)
+    other.chat_template = "{% for m in messages %}"
+    with pytest.raises(TokenizerError, match="not valid Jinja"):
+        other.apply_chat_template(msgs)
+    with pytest.raises(TokenizerError, match="needs 'role' and 'content'"):
+        tok.apply_chat_template([{"content": "no role"}])

@@ -59,7 +59,7 @@ import numpy as np
 from absl import flags
 
 from user_llm import checkpoints, errors, metrics
-from user_llm.data import pipeline
+from user_llm.data import families, pipeline
 from user_llm.models import packed_candidate_width
 
 FLAGS = flags.FLAGS
@@ -582,7 +582,9 @@ def majority_answer(task: str) -> str:
     from tasks import common
 
     info = common.task_info(task)
-    train = common.examples(info.family, info.history_length, "favorite_genre", "userllm", "train")
+    train = families.examples(
+        info.family, info.history_length, "favorite_genre", "userllm", "train"
+    )
     names, counts = np.unique(train["targets"].astype(str), return_counts=True)
     return str(names[np.argmax(counts)])
 
@@ -624,10 +626,10 @@ def rule_baselines(task: str, split: str, candidates: str = "popularity") -> dic
     from user_llm.data import features
 
     info = common.task_info(task)
-    data = common.family_task_data(info.family, info.history_length)
+    data = families.family_task_data(info.family, info.history_length)
     h = data.histories
     if info.task == "next_item":
-        ex = common.examples(info.family, info.history_length, "next_item", "userllm", split)
+        ex = families.examples(info.family, info.history_length, "next_item", "userllm", split)
         prefix = features.CANDIDATE_PREFIXES[candidates]
         index, labels = ex[prefix + "candidate_item_index"], ex[prefix + "candidate_label"]
         popularity = common.item_popularity(task)
@@ -638,7 +640,7 @@ def rule_baselines(task: str, split: str, candidates: str = "popularity") -> dic
         per.update(full_catalogue_metrics(item_scores, targets, ex["user_item_ids"]))
         return {"Popularity": summarize(per)}
     if info.task == "favorite_genre":
-        ex = common.examples(info.family, info.history_length, "favorite_genre", "userllm", split)
+        ex = families.examples(info.family, info.history_length, "favorite_genre", "userllm", split)
         majority = majority_answer(task)
         window = window_favorite(ex["user_genres"], ex["user_mask"], h.vocabularies["genre"].tokens)
         targets = ex["targets"].astype(str)

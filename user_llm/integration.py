@@ -1,6 +1,7 @@
 """User-LLM: a user encoder's embeddings contextualize a decoder (phase 2 of the method).
 
-``encode_user`` runs encoder -> [Perceiver] -> projection to the LLM width, once per example;
+``encode_user`` runs encoder -> [Perceiver] -> projection to the LLM width, once per example
+(``keep_encoder_states``: the Perceiver's latents and the uncompressed states side by side);
 the decoder then reads the result either through the gated cross-attention blocks in its
 user-context slots (``mode='cross_attention'``, Flamingo-style, an exact identity at step 0)
 or as a soft prompt prepended to the token embeddings (``mode='soft_prompt'``).
@@ -58,6 +59,9 @@ class IntegrationConfig:
     encoder_kind: str = "ar"
     use_perceiver: bool = False
     perceiver: PerceiverConfig = PerceiverConfig()
+    # True (with the Perceiver): the LLM reads the encoder's uncompressed states next to the
+    # latents, so compression adds a summary without taking the per-item detail away.
+    keep_encoder_states: bool = False
     # 0: a single linear map to the LLM width; otherwise a 2-layer MLP with this hidden width.
     projector_hidden_dim: int = 0
     # True: each projected user vector is RMS-normalized and rescaled to the RMS of the LLM's
@@ -89,6 +93,11 @@ class IntegrationConfig:
             raise ValueError("belief_top_k > 0 needs belief_text_table (a .npy of title vectors)")
         if self.item_head and self.encoder_kind != "ar":
             raise ValueError("item_head needs the AR encoder (it scores items with its head)")
+        if self.keep_encoder_states and not self.use_perceiver:
+            raise ValueError(
+                "keep_encoder_states keeps the encoder states next to the Perceiver latents: "
+                "it needs use_perceiver=True (without it the LLM reads the states alone already)"
+            )
         if self.item_loss_weight < 0:
             raise ValueError(f"item_loss_weight must be >= 0, got {self.item_loss_weight}")
 
@@ -229,8 +238,13 @@ class UserLLM(nn.Module):
         else:  # one user vector, present when the user has any history
             mask = jnp.broadcast_to(has_history, hidden.shape[:2])
         if self.integration.use_perceiver:
-            hidden = self.perceiver(hidden, mask)
-            mask = jnp.broadcast_to(has_history, hidden.shape[:2])
+            latents = self.perceiver(hidden, mask)
+            latent_mask = jnp.broadcast_to(has_history, latents.shape[:2])
+            if self.integration.keep_encoder_states:
+                hidden = jnp.concatenate([latents, hidden.astype(latents.dtype)], axis=1)
+                mask = jnp.concatenate([latent_mask, mask], axis=1)
+            else:
+                hidden, mask = latents, latent_mask
         target_rms = None
         if self.integration.match_token_embedding_scale:
             table = self.decoder.token_embedder.embedding.astype(jnp.float32)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from user_llm import errors
-from user_llm.data import pipeline
+from user_llm.data import families, pipeline
 
 SHOWN_ITEMS = 5  # the most recent history items printed by title
 
@@ -62,7 +62,7 @@ def history_in_short(task: str, example: dict) -> str:
     if not common.is_user_llm_task(task):
         return f"{n} interactions"
     info = common.task_info(task)
-    h = common.family_task_data(info.family, info.history_length).histories
+    h = families.family_task_data(info.family, info.history_length).histories
     tokens = h.vocabularies["item"].tokens
     ids = np.asarray(example["user_item_ids"])[mask][-SHOWN_ITEMS:]
     names = []

@@ -25,6 +25,7 @@ import optax
 from absl import flags
 
 from user_llm import checkpoints, metrics
+from user_llm.data import families
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +82,7 @@ def probe(model, params, task: str, steps: int = 500) -> dict[str, object]:
 
     info = common.task_info(task)
     data = {
-        split: common.examples(info.family, info.history_length, info.task, "userllm", split)
+        split: families.examples(info.family, info.history_length, info.task, "userllm", split)
         for split in ("train", "test")
     }
     labels = {s: data[s]["targets"].astype(str) for s in data}

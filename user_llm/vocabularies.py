@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,6 @@ PRE_TOKENIZER_REGEXES: dict[str, str | None] = {
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
-
-_CHATML_START = "<|im_start|>"
-_CHATML_END = "<|im_end|>"
 
 
 class TokenizerError(ValueError):
@@ -328,44 +324,55 @@ class BPETokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def default_system_prompt(self) -> str | None:
-        """The system message a ChatML template inserts when the chat has none (SmolLM2 does)."""
-        if not self.chat_template:
-            return None
-        if "!= 'system'" not in self.chat_template and '!= "system"' not in self.chat_template:
-            return None
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", self.chat_template, re.S)
-        return m.group(1) if m else None
-
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, str]],
         add_generation_prompt: bool = True,
         system_prompt: str | None = None,
     ) -> str:
-        """Renders ``[{"role": ..., "content": ...}]`` as a ChatML prompt.
-
-        Only ChatML is implemented (no Jinja here); the model's own default system message is
-        inserted when the template does so and the chat has none (``system_prompt`` overrides
-        it). A template of another format raises, rather than silently formatting wrongly.
-        """
-        if self.chat_template and _CHATML_START not in self.chat_template:
-            raise TokenizerError(
-                "only ChatML chat templates are supported; this model's template is not ChatML"
-            )
-        parts = []
-        messages = list(messages)
-        if messages and messages[0].get("role") != "system":
-            system = system_prompt if system_prompt is not None else self.default_system_prompt()
-            if system is not None:
-                parts.append(f"{_CHATML_START}system\n{system}{_CHATML_END}\n")
+        """Renders ``[{"role": ..., "content": ...}]`` with the model's own Jinja chat template,
+        as Hugging Face's ``apply_chat_template`` does (sandboxed, ``trim_blocks`` and
+        ``lstrip_blocks``), so whatever the template inserts (SmolLM2: a default system
+        message) is what the model was tuned on. ``system_prompt`` adds a system message when
+        the chat has none. A tokenizer without a template renders ChatML."""
+        messages = [dict(m) for m in messages]
         for m in messages:
             if "role" not in m or "content" not in m:
                 raise TokenizerError(f"chat message {m!r} needs 'role' and 'content'")
-            parts.append(f"{_CHATML_START}{m['role']}\n{m['content']}{_CHATML_END}\n")
-        if add_generation_prompt:
-            parts.append(f"{_CHATML_START}assistant\n")
-        return "".join(parts)
+        if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        template = _jinja_template(self.chat_template or _CHATML_TEMPLATE)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self.id_to_token(self.eos_id) if self.eos_id is not None else "",
+        )
+
+
+# ChatML, for a tokenizer that carries no template of its own.
+_CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja_template(source: str) -> Any:
+    """A compiled chat template, in the sandbox Hugging Face renders templates in."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"the chat template refused the chat: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"the model's chat template is not valid Jinja: {e}") from e
 
 
 # -- the SeqIO vocabulary, created on first access ----------------------------------------

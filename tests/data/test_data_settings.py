@@ -9,6 +9,7 @@ from datagen import ml_csv
 
 import tasks.movielens  # noqa: F401 - registers the family
 from tasks import common
+from user_llm.data import families
 from user_llm.data.tables import DataError
 
 
@@ -23,18 +24,18 @@ def test_gin_data_dir_and_lenient_reach_the_tasks(tmp_path, monkeypatch):
     gin.clear_config()
     try:
         gin.parse_config([f"tasks.data_settings.data_dirs = {{'movielens': '{folder}'}}"])
-        assert common.resolve_data_dir(tasks.movielens.FAMILY) == str(folder)
+        assert families.resolve_data_dir(tasks.movielens.FAMILY) == str(folder)
         with pytest.raises(DataError, match=r"ratings\.csv:\d+: "):
-            common.family_task_data(tasks.movielens.FAMILY, 5)
+            families.family_task_data(tasks.movielens.FAMILY, 5)
         gin.parse_config(["tasks.data_settings.lenient = True"])
-        data = common.family_task_data(tasks.movielens.FAMILY, 5)
+        data = families.family_task_data(tasks.movielens.FAMILY, 5)
         assert len(data.histories.user_ids) == 8
         assert "data_settings.lenient = True" in gin.operative_config_str()
         assert str(folder) in gin.operative_config_str()
     finally:
         gin.clear_config()
     # Without the setting, the default (bundled ml-latest-small, strict) is back.
-    assert common.resolve_data_dir(tasks.movielens.FAMILY) is None
+    assert families.resolve_data_dir(tasks.movielens.FAMILY) is None
 
 
 def test_a_task_without_examples_names_the_task_split_and_reason(tmp_path):
@@ -55,12 +56,12 @@ def test_a_task_without_examples_names_the_task_split_and_reason(tmp_path):
         gin.parse_config([f"tasks.data_settings.data_dirs = {{'amazon_reviews': '{tmp_path}'}}"])
         dataset_fn = common._dataset_fn(amazon.FAMILY, 5, "favorite_genre", "userllm")
         with pytest.raises(
-            common.EmptyTaskError, match=r"favorite_category_userllm_h5: no test examples"
+            families.EmptyTaskError, match=r"favorite_category_userllm_h5: no test examples"
         ):
             dataset_fn("test", False)
-        next_item = common.examples(amazon.FAMILY, 5, "next_item", "userllm", "test")
+        next_item = families.examples(amazon.FAMILY, 5, "next_item", "userllm", "test")
         assert set(next_item["targets"]) <= {f"B{i}" for i in range(8)}, next_item["targets"]
         # Review generation needs no metadata: it has examples.
-        assert len(common.examples(amazon.FAMILY, 5, "review_gen", "userllm", "test")["targets"])
+        assert len(families.examples(amazon.FAMILY, 5, "review_gen", "userllm", "test")["targets"])
     finally:
         gin.clear_config()

@@ -9,11 +9,12 @@ import re
 import numpy as np
 import pytest
 
+from user_llm.data import families
+
 seqio = pytest.importorskip("seqio")
 
 from tasks import (  # noqa: E402
     amazon_reviews,
-    common,  # noqa: E402
     google_local,
     movielens,
 )
@@ -61,7 +62,7 @@ def our_tasks() -> list[str]:
     return sorted(n for m in (movielens, amazon_reviews, google_local) for n in m.TASK_NAMES)
 
 
-def family_of(name: str) -> common.Family:
+def family_of(name: str) -> families.Family:
     return next(f for f in FAMILIES if name.startswith(f.name + "_"))
 
 
@@ -89,7 +90,7 @@ def converter_for(name: str) -> str:
 
 @pytest.mark.parametrize(
     "history_length",
-    [20] + [pytest.param(n, marks=pytest.mark.slow) for n in common.DEFAULT_HISTORY_LENGTHS[1:]],
+    [20] + [pytest.param(n, marks=pytest.mark.slow) for n in families.DEFAULT_HISTORY_LENGTHS[1:]],
 )
 def test_every_present_task_yields_batches(google_dir, history_length):
     """Each task of one history length (about 1 s of tf.data setup per task)."""
@@ -98,7 +99,7 @@ def test_every_present_task_yields_batches(google_dir, history_length):
     for name in our_tasks():
         family = family_of(name)
         length = int(name.rsplit("_h", 1)[1])
-        if length != history_length or not common.data_available(family):
+        if length != history_length or not families.data_available(family):
             continue
         conv = converter_for(name)
         lengths = {} if conv == "user_features" else dict(TEXT_LENGTHS)
@@ -147,13 +148,13 @@ def test_train_split_and_candidates_through_converter(google_dir):
 
 def test_missing_data_dir_names_the_env_var(monkeypatch, tmp_path):
     monkeypatch.delenv("USER_LLM_GOOGLE_LOCAL_DIR", raising=False)
-    assert not common.data_available(google_local.FAMILY)
-    with pytest.raises(common.MissingDataError, match="USER_LLM_GOOGLE_LOCAL_DIR"):
+    assert not families.data_available(google_local.FAMILY)
+    with pytest.raises(families.MissingDataError, match="USER_LLM_GOOGLE_LOCAL_DIR"):
         seqio.get_mixture_or_task("google_local_next_item_tp_h20").get_dataset(
             TEXT_LENGTHS, "validation"
         )
     monkeypatch.setenv("USER_LLM_AMAZON_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(common.MissingDataError, match="USER_LLM_AMAZON_DIR.*|nowhere"):
+    with pytest.raises(families.MissingDataError, match="USER_LLM_AMAZON_DIR.*|nowhere"):
         seqio.get_mixture_or_task("amazon_reviews_review_gen_userllm_h20").get_dataset(
             TEXT_LENGTHS, "validation"
         )

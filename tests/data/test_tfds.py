@@ -8,6 +8,8 @@ import pytest
 import seqio
 from conftest import run_module
 
+from user_llm.data import families
+
 LENGTH = 20
 LENGTHS = {"inputs": 2048, "targets": 64}
 
@@ -38,7 +40,7 @@ def test_builder_writes_every_split_with_the_catalogue(built):
     import tasks.movielens  # noqa: F401
     from tasks import common
 
-    h = common.family_task_data(tasks.movielens.FAMILY, LENGTH).histories
+    h = families.family_task_data(tasks.movielens.FAMILY, LENGTH).histories
     for split in common.SPLITS:
         assert builder.info.splits[split].num_examples == len(h.splits[split]["user_index"])
     meta = builder.info.metadata
@@ -100,11 +102,11 @@ def test_amazon_sample_builds_and_reads_as_the_reader_tasks(tmp_path):
     import tensorflow_datasets as tfds
 
     import tasks.amazon_reviews as amazon
-    from tasks import common, tfds_tasks
+    from tasks import tfds_tasks
 
-    if not common.data_available(amazon.FAMILY):
+    if not families.data_available(amazon.FAMILY):
         pytest.skip("the Amazon Reviews sample is not beside the repository")
-    manual = common.resolve_data_dir(amazon.FAMILY)
+    manual = families.resolve_data_dir(amazon.FAMILY)
     builder = tfds.builder(f"user_llm_amazon_reviews/all_h{LENGTH}", data_dir=tmp_path)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
     tfds_tasks.register_tfds_tasks(amazon.FAMILY, "all", str(tmp_path), "_tfds_amazon")

@@ -1,7 +1,7 @@
 """A dataset read once and cut into histories, plus what tasks need beyond them.
 
 ``build_task_data`` is the one place a release's files become ``TaskData``: the SeqIO tasks
-(through ``tasks.common.task_data``, cached per process) and the TFDS builders
+(through ``user_llm.data.families.task_data``, cached per process) and the TFDS builders
 (``user_llm.data.tfds_builders``) both call it, so the two hold the same examples.
 """
 
