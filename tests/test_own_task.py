@@ -23,7 +23,7 @@ MODULE = textwrap.dedent(
 
     from tasks import common, movielens
     from user_llm import metrics
-    from user_llm.data import features
+    from user_llm.data import families, features
 
     HISTORY_LENGTH = 20
 
