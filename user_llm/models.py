@@ -118,8 +118,15 @@ class CachedDecoding:
         self, tokens: Array, input_mask: Array, positions: Array, cache: Any
     ) -> tuple[Array, Any]:
         last = jnp.sum(input_mask, axis=-1, keepdims=True) - 1
-        prefix, inputs = self.prompt_prefix, self.inputs.prefill
-        return self._call(tokens, input_mask, positions, cache, prefix, None, last, inputs)
+        return self._call(
+            tokens,
+            input_mask,
+            positions,
+            cache,
+            self.inputs.prefill,
+            prefix_mask=self.prompt_prefix,
+            logits_index=last,
+        )
 
     def append(
         self,
@@ -130,22 +137,21 @@ class CachedDecoding:
         segment_ids: Array | None = None,
     ) -> tuple[Array, Any]:
         return self._call(
-            tokens, input_mask, positions, cache, None, segment_ids, None, self.inputs.step
+            tokens, input_mask, positions, cache, self.inputs.step, segment_ids=segment_ids
         )
 
-    def _call(self, tokens, input_mask, positions, cache, prefix, segment_ids, last, inputs):
-        """One ``decode=True`` apply that appends ``tokens`` to ``cache``."""
+    def _call(self, tokens, input_mask, positions, cache, inputs, **kwargs):
+        """One ``decode=True`` apply that appends ``tokens`` to ``cache``; ``kwargs`` are the
+        call's own module inputs (``prefix_mask``, ``segment_ids``, ``logits_index``)."""
         logits, mutated = self.module.apply(
             {"params": self.params, "cache": cache},
             tokens,
             positions=positions,
             input_mask=input_mask,
-            prefix_mask=prefix,
-            segment_ids=segment_ids,
             decode=True,
             mutable=["cache"],
-            logits_index=last,
             **inputs,
+            **kwargs,
         )
         return logits, mutated["cache"]
 
