@@ -83,6 +83,7 @@ def test_every_gin_file_parses_finalizes_and_builds(name):
                 plus_states = name.endswith("perceiver_plus_states.gin")
                 assert module.integration.keep_encoder_states == plus_states
                 assert bool(module.integration.belief_top_k) == name.endswith("belief_tokens.gin")
+                assert bool(module.integration.recency_positions) == name.endswith("recency.gin")
         if "runs/" in name or "experiments/" in name or name in OVERLAYS:
             from user_llm import train as train_lib
 

@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, tiny_decoder_config
 
 from user_llm import lora, models, strategies, testing
 from user_llm.decoder import Decoder
-from user_llm.integration import IntegrationConfig, UserLLM
+from user_llm.integration import IntegrationConfig, UserLLM, recency_distance
 from user_llm.models import (
     ARUserEncoderModel,
     DualUserEncoderModel,
@@ -47,6 +47,11 @@ VARIANTS = {
         dict(cross_attention_layers=(1,)),
         {},
         IntegrationConfig(use_perceiver=True, perceiver=PERCEIVER, keep_encoder_states=True),
+    ),
+    "xattn_ar_recency": (
+        dict(cross_attention_layers=(1,)),
+        {},
+        IntegrationConfig(recency_positions=4),
     ),
     "soft_prompt_perceiver": (
         {},
@@ -378,6 +383,41 @@ def test_integration_config_errors_are_clear():
         dataclasses.replace(ENCODER, fusion="middle")
     with pytest.raises(ValueError, match="keep_encoder_states.*use_perceiver=True"):
         IntegrationConfig(keep_encoder_states=True)
+    with pytest.raises(ValueError, match="recency_positions must be >= 0"):
+        IntegrationConfig(recency_positions=-1)
+    with pytest.raises(ValueError, match="recency_positions needs the AR encoder"):
+        IntegrationConfig(encoder_kind="dual", recency_positions=8)
+
+
+def test_recency_distance_counts_back_from_each_rows_last_interaction():
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(
+        recency_distance(mask, 4),
+        [[3, 3, 3, 2, 1, 0], [2, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]],
+    )
+
+
+def test_recency_embedding_starts_at_zero_and_marks_each_users_last_state():
+    """At initialization the recency table is zero, so the context equals the recency-free
+    model's; a vector written into slot 0 (the last interaction) moves only each user's last
+    valid position (position 5 of a 6-item history, position 2 of a 3-item one)."""
+    model, variables, _ = build("xattn_ar_recency")
+    params = nn.unbox(variables)["params"]
+    features = user_batch(lengths=(6, 3))
+    context, mask = model.module.apply({"params": params}, features, method="encode_user")
+    integration = dataclasses.replace(model.module.integration, recency_positions=0)
+    plain = dataclasses.replace(model.module, integration=integration)
+    without = {k: v for k, v in params.items() if k != "recency"}
+    reference, _ = plain.apply({"params": without}, features, method="encode_user")
+    np.testing.assert_array_equal(context, reference)
+    table = params["recency"]["embedding"]
+    marked = {**params, "recency": {"embedding": table.at[0].set(1.0)}}
+    moved, _ = model.module.apply({"params": marked}, features, method="encode_user")
+    changed = np.any(np.abs(np.asarray(moved - context)) > 1e-6, axis=-1)
+    np.testing.assert_array_equal(
+        changed & np.asarray(mask), [[0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0]]
+    )
+    assert strategies.trainable_mask(params, "proj")["recency"]["embedding"]
 
 
 def test_perceiver_plus_states_context_is_the_latents_then_every_state():

@@ -78,6 +78,7 @@ RECIPE = ENC_RECIPE + (("STRATEGY", "proj"),)
 # The item head (sweep row 9): the LLM also answers in the encoder's item space, and its item
 # loss is what made next-item answers depend on the user (results/phase2_recipe_itemhead450.md).
 ITEM_HEAD = ("models/integration/item_head.gin",)
+RECENCY = ("models/integration/recency.gin",)
 # The system the main job and the studies build on: the recipe plus the item head, which made
 # next-movie answers depend on the user at the main job's budget (sweep row 11,
 # results/phase2_recipe_itemhead_both.md).
@@ -123,6 +124,13 @@ RECIPE_SWEEP = [  # in the order they were run
     Variant("AR encoder head", kind="encoder"),
     # Row 9 on next movie + favourite genre at the main job's 150 steps: the main job's system.
     Variant("recipe + item head (Proj), both tasks", files=ITEM_HEAD, bindings=RECIPE),
+    # Row 11's item head ranks like the mean of the encoder states, not like the last one: the
+    # cross-attention keys carry no position. Mark each state's distance from the last.
+    Variant(
+        "recipe + item head + recency embedding (Proj), both tasks",
+        files=ITEM_HEAD + RECENCY,
+        bindings=RECIPE,
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [

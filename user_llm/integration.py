@@ -23,8 +23,8 @@ text, and the encoder's knowledge of the next item is collaborative, in its item
 (results/phase2_recipe_belief450.md), which no title carries; the item loss also gives the
 cross-attention blocks a direct, per-example gradient towards what the user will do next.
 
-Parameter tree: ``user_encoder/``, ``perceiver/``, ``projector/``, ``belief/``, ``item_head/`` and
-``decoder/``
+Parameter tree: ``user_encoder/``, ``recency/``, ``perceiver/``, ``projector/``, ``belief/``,
+``item_head/`` and ``decoder/``
 (the LLM's own tree, so a pretrained LLM loads with the assignment map
 ``('decoder/(.*)', r'\\1')``).
 """
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from user_llm.decoder import Decoder, DecoderConfig
-from user_llm.layers import Array, DenseGeneral
+from user_llm.layers import Array, DenseGeneral, Embed
 from user_llm.perceiver import PerceiverConfig, PerceiverResampler
 from user_llm.user_encoder import (
     DualEncoder,
@@ -79,6 +79,13 @@ class IntegrationConfig:
     item_head: bool = False
     # Weight of the item head's cross entropy (one term per example) in the token-summed loss.
     item_loss_weight: float = 1.0
+    # > 0: add a learned embedding of each encoder state's distance from the user's last
+    # interaction (0 = the last; farther ones share slot recency_positions - 1) before the
+    # Perceiver and the projection; zero at initialization, so the model starts unchanged. Why:
+    # the cross-attention keys carry no position (the encoder's RoPE stays inside it), so an
+    # answer position cannot tell the last state, which alone predicts the next item, from the
+    # other 49 except by content (results/phase2_recipe.md, row 12).
+    recency_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +107,21 @@ class IntegrationConfig:
             )
         if self.item_loss_weight < 0:
             raise ValueError(f"item_loss_weight must be >= 0, got {self.item_loss_weight}")
+        if self.recency_positions < 0:
+            raise ValueError(f"recency_positions must be >= 0, got {self.recency_positions}")
+        if self.recency_positions and self.encoder_kind != "ar":
+            raise ValueError(
+                "recency_positions needs the AR encoder (the dual encoder gives one user vector, "
+                "with no positions to tell apart)"
+            )
+
+
+def recency_distance(mask: Array, num_positions: int) -> Array:
+    """[b, L] int32: each position's distance from its row's last valid one (right-padded
+    histories), clipped to [0, num_positions - 1]; padding after the last reads 0."""
+    last = jnp.sum(mask.astype(jnp.int32), axis=1, keepdims=True) - 1
+    distance = last - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
+    return jnp.clip(distance, 0, num_positions - 1)
 
 
 def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
@@ -195,6 +217,13 @@ class UserLLM(nn.Module):
             self.user_encoder = UserEncoder(self.encoder_config)
         else:
             self.user_encoder = DualEncoder(self.encoder_config)
+        if cfg.recency_positions:
+            self.recency = Embed(
+                cfg.recency_positions,
+                self.encoder_config.embed_dim,
+                axes=("length", "embed"),
+                init_stddev=0.0,
+            )
         if cfg.use_perceiver:
             self.perceiver = PerceiverResampler(cfg.perceiver)
         self.projector = Projector(self.decoder_config.embed_dim, cfg.projector_hidden_dim)
@@ -235,6 +264,9 @@ class UserLLM(nn.Module):
         has_history = jnp.any(history_mask, axis=1, keepdims=True)
         if self.integration.encoder_kind == "ar":
             mask = history_mask
+            if self.integration.recency_positions:
+                distance = recency_distance(history_mask, self.integration.recency_positions)
+                hidden = hidden + self.recency(distance).astype(hidden.dtype)
         else:  # one user vector, present when the user has any history
             mask = jnp.broadcast_to(has_history, hidden.shape[:2])
         if self.integration.use_perceiver:

@@ -29,7 +29,9 @@ import optax
 Table = Sequence[tuple[str, bool]]
 
 FROZEN_PREFIX = "frozen_"
-INTEGRATION = r"(projector|perceiver|belief|item_head)/.*|decoder/layers_\d+/context_block/.*"
+INTEGRATION = (
+    r"(recency|projector|perceiver|belief|item_head)/.*|decoder/layers_\d+/context_block/.*"
+)
 STRATEGIES: dict[str, Table] = {
     "full": [(r".*", True)],
     "lora": [
