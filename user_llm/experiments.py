@@ -131,6 +131,14 @@ RECIPE_SWEEP = [  # in the order they were run
         files=ITEM_HEAD + RECENCY,
         bindings=RECIPE,
     ),
+    # Row 12 did not help (its recency table learned no marker of the last state). Row 9 came
+    # within the intervals of the encoder head with ~6x row 11's item-loss updates (next item
+    # only, 450 steps): weight the item loss 4x at the main job's budget instead.
+    Variant(
+        "recipe + item head, item loss x4 (Proj), both tasks",
+        files=ITEM_HEAD,
+        bindings=RECIPE + (("ITEM_LOSS_WEIGHT", 4.0),),
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
