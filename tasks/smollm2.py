@@ -19,11 +19,11 @@ import tensorflow as tf
 
 import tasks
 from tasks import common
-from user_llm import vocabularies
 from user_llm.convert.common import packaged_gguf
+from user_llm.data import bpe_vocabulary
 
 SUFFIX = "_smollm2"
-VOCABULARY = vocabularies.ByteLevelBPEVocabulary(packaged_gguf())
+VOCABULARY = bpe_vocabulary.ByteLevelBPEVocabulary(packaged_gguf())
 TASK_NAMES = tasks.register_tasks(VOCABULARY, SUFFIX)
 
 

@@ -92,9 +92,9 @@ def test_seqio_vocabulary(gguf_path, tok):
     import seqio
     import tensorflow as tf
 
-    from user_llm import vocabularies
+    from user_llm.data.bpe_vocabulary import ByteLevelBPEVocabulary
 
-    vocab = vocabularies.ByteLevelBPEVocabulary(str(gguf_path))
+    vocab = ByteLevelBPEVocabulary(str(gguf_path))
     assert isinstance(vocab, seqio.Vocabulary)
     assert (vocab.vocab_size, vocab.eos_id, vocab.bos_id, vocab.pad_id) == (49152, 2, 1, 0)
     text = "My favorite movies are Toy Story (1995)"
