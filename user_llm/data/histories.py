@@ -140,23 +140,133 @@ def time_buckets(timestamps: np.ndarray, first: np.ndarray, num_buckets: int) ->
     return np.where(first, _FIRST_INTERACTION_BUCKET, bucket).astype(np.int32)
 
 
+@dataclasses.dataclass
+class _Rows:
+    """The kept interactions ("rows"), grouped by user and oldest first within each user.
+
+    Every later stage works on this order, so a user's history is one contiguous slice
+    ``start[u]:start[u] + length[u]`` and an example's input window is a range of rows.
+    """
+
+    order: np.ndarray  # row -> its row in the input ``interactions`` table
+    user: np.ndarray  # row -> user_index (int32; kept users, numbered in user-id order)
+    item: np.ndarray  # row -> item_index
+    timestamp: np.ndarray  # row -> unix seconds (int64)
+    rating: np.ndarray  # row -> rating (float32)
+    start: np.ndarray  # user_index -> its first row
+    length: np.ndarray  # user_index -> its number of rows
+    position: np.ndarray  # row -> position in its user's history (int32; 0 = oldest)
+
+
+@dataclasses.dataclass
+class _Categories:
+    """Every row's category list, flattened: row r's codes are codes[offsets[r]:offsets[r + 1]].
+
+    Flat arrays rather than per-row lists, so counting and windowing stay vectorized.
+    """
+
+    offsets: np.ndarray  # [num_rows + 1] int64
+    codes: np.ndarray  # flat category codes, indexing ``names``
+    names: np.ndarray  # distinct category names, sorted: a smaller code is the earlier name
+
+
+# How a key of the example dicts is read (``_Feature.read``).
+_WINDOW, _TARGET, _EXAMPLE = "window", "target", "example"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feature:
+    """One key of the example dicts: where its values come from (see ``_FEATURES``)."""
+
+    key: str
+    read: str  # _WINDOW, _TARGET or _EXAMPLE
+    row_feature: str | None = None  # the ``_row_features`` entry read (_WINDOW, _TARGET)
+    dtype: type | None = None  # the output dtype (_WINDOW, _TARGET)
+    pad: int | float = 0  # the value at padded window positions (_WINDOW)
+
+
+# How each split's example dict is filled: one line per key, in the order the dicts hold them.
+# _WINDOW: a per-row feature (see ``_row_features``) over the example's input window, oldest
+#   first, [E, L] ([E, L, G] for genres), ``pad`` where the window has no interaction.
+# _TARGET: the same per-row feature at the example's target row, [E] ([E, G] for genres).
+# _EXAMPLE: a value computed per example in ``_split_examples`` (mask, title, favorite genre).
+# A new per-interaction feature is one _WINDOW line here (plus, for a per-row value that does
+# not exist yet, one entry in ``_row_features``).
+_FEATURES = (
+    _Feature("user_index", _TARGET, "user", np.int32),
+    _Feature("user_item_ids", _WINDOW, "item_id", np.int32, pad=PAD_ID),
+    _Feature("user_item_index", _WINDOW, "item_index", np.int32, pad=-1),
+    _Feature("user_ratings", _WINDOW, "rating_id", np.int32, pad=PAD_ID),
+    _Feature("user_rating_values", _WINDOW, "rating", np.float32, pad=0),
+    _Feature("user_genres", _WINDOW, "genres", np.int32, pad=PAD_ID),
+    _Feature("user_timestamps", _WINDOW, "timestamp", np.int64, pad=0),
+    _Feature("user_time_buckets", _WINDOW, "time_bucket", np.int32, pad=PAD_ID),
+    _Feature("user_mask", _EXAMPLE),
+    _Feature("history_length", _EXAMPLE),
+    _Feature("target_position", _TARGET, "position", np.int32),
+    _Feature("target_item_id", _TARGET, "item_id", np.int32),
+    _Feature("target_item_index", _TARGET, "item_index", np.int32),
+    _Feature("target_title", _EXAMPLE),
+    _Feature("target_rating", _TARGET, "rating", np.float32),
+    _Feature("target_timestamp", _TARGET, "timestamp", np.int64),
+    _Feature("favorite_genre", _EXAMPLE),
+    _Feature("favorite_genre_id", _EXAMPLE),
+    # The target interaction's own features (encoder pretraining appends them).
+    _Feature("target_rating_id", _TARGET, "rating_id", np.int32),
+    _Feature("target_genres", _TARGET, "genres", np.int32),
+    _Feature("target_time_bucket", _TARGET, "time_bucket", np.int32),
+)
+
+
 def build_histories(
     interactions: pd.DataFrame, items: pd.DataFrame, config: HistoryConfig | None = None
 ) -> Histories:
     """Splits every user's chronological history into train / validation / test examples."""
     config = config or HistoryConfig()
-    L, G = config.max_history_length, config.max_categories
+    item_codes, item_ids, item_titles = _code_items(interactions, items)
+    rows, user_ids, num_dropped = _order_rows(interactions, item_codes, config.min_interactions)
+    del item_codes  # in input row order: ``rows.item`` has what the later stages need
+    categories = _row_categories(interactions, rows.order)
+    vocabularies, item_to_id, genre_to_id = _training_vocabularies(
+        rows, categories, item_ids, config.min_item_count
+    )
+    row_features = _row_features(rows, categories, vocabularies, item_to_id, genre_to_id, config)
+    stride = config.train_stride or config.max_history_length
+    splits, target_rows = {}, {}
+    for name, target in _example_targets(rows, stride).items():
+        splits[name] = _split_examples(
+            target, rows, row_features, categories, genre_to_id, item_titles, config
+        )
+        target_rows[name] = rows.order[target].astype(np.int64)
+    return Histories(
+        config=config,
+        splits=splits,
+        vocabularies=vocabularies,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        item_titles=item_titles,
+        num_users_dropped=num_dropped,
+        user_offsets=np.concatenate([[0], np.cumsum(rows.length)]).astype(np.int64),
+        user_items=rows.item.astype(np.int32),
+        target_rows=target_rows,
+    )
 
-    # ---- codes: users and items in sorted-id order, so every tie-break is reproducible.
-    user_codes, user_ids = sorted_codes(pa.array(interactions["user_id"].array))
+
+def _code_items(
+    interactions: pd.DataFrame, items: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item code of each interaction, item_index -> item_id, item_index -> title).
+
+    The items table and the interactions are coded together, because an item may appear in
+    only one of them; codes follow the sorted ids, so every tie-break by item is reproducible.
+    """
     # Arrow strings throughout: a 20M-row column as Python str objects would cost >1 GB.
     all_item_ids = pa.chunked_array(
         [_arrow_str(items["item_id"]), _arrow_str(interactions["item_id"])], type=pa.string()
     )
-    item_codes_all, item_ids = sorted_codes(all_item_ids)
-    item_codes = item_codes_all[len(items) :]
+    codes, item_ids = sorted_codes(all_item_ids)
     item_titles = np.full(len(item_ids), "", dtype=object)
-    item_titles[item_codes_all[: len(items)]] = np.asarray(items["title"], dtype=object)
+    item_titles[codes[: len(items)]] = np.asarray(items["title"], dtype=object)
     if len(item_titles) and not any(item_titles):
         # No metadata at all (e.g. Amazon reviews without their meta_<Category> file): the item
         # id stands in for the title, so next-item tasks still have targets and candidates.
@@ -166,135 +276,215 @@ def build_histories(
             len(item_titles),
         )
         item_titles = np.asarray([str(i) for i in np.asarray(item_ids)], dtype=object)
+    return codes[len(items) :], item_ids, item_titles
 
+
+def _order_rows(
+    interactions: pd.DataFrame, item_codes: np.ndarray, min_interactions: int
+) -> tuple[_Rows, np.ndarray, int]:
+    """The rows of users with enough interactions, grouped by user and in time order.
+
+    Returns (rows, user_index -> user_id, number of users dropped). Ties in time are broken by
+    item id, then rating, so the order is the same on every run and machine.
+    """
+    user_codes, user_ids = sorted_codes(pa.array(interactions["user_id"].array))
     timestamps = interactions["timestamp"].to_numpy(dtype=np.int64)
     ratings = interactions["rating"].to_numpy(dtype=np.float32)
     order = np.lexsort((ratings, item_codes, timestamps, user_codes))
-
-    # ---- drop short histories.
-    counts = np.bincount(user_codes, minlength=len(user_ids))
-    keep_row = counts[user_codes[order]] >= config.min_interactions
-    order = order[keep_row]
-    kept_users = np.flatnonzero(counts >= config.min_interactions)
-    num_dropped = int(len(user_ids) - len(kept_users))
-    if len(order) == 0:
-        raise ValueError(f"no user has >= {config.min_interactions} interactions")
-    remap = np.full(len(user_ids), -1, dtype=np.int32)
-    remap[kept_users] = np.arange(len(kept_users), dtype=np.int32)
-    user = remap[user_codes[order]]
-    user_ids = user_ids[kept_users]
-    item = item_codes[order]
-    ts = timestamps[order]
-    rating = ratings[order]
-    n_rows = len(order)
-    del user_codes, item_codes, timestamps, ratings, keep_row, remap
-
-    length = np.bincount(user, minlength=len(user_ids))
+    order, kept_users = _drop_short_histories(order, user_codes, len(user_ids), min_interactions)
+    # Kept users are renumbered 0.. (user_index), keeping the user-id order.
+    user_index = np.full(len(user_ids), -1, dtype=np.int32)
+    user_index[kept_users] = np.arange(len(kept_users), dtype=np.int32)
+    user = user_index[user_codes[order]]
+    length = np.bincount(user, minlength=len(kept_users))
     start = np.concatenate([[0], np.cumsum(length)[:-1]])
-    pos = (np.arange(n_rows, dtype=np.int64) - start[user]).astype(np.int32)
-    is_train_row = pos <= length[user] - 3
+    rows = _Rows(
+        order=order,
+        user=user,
+        item=item_codes[order],
+        timestamp=timestamps[order],
+        rating=ratings[order],
+        start=start,
+        length=length,
+        position=(np.arange(len(order), dtype=np.int64) - start[user]).astype(np.int32),
+    )
+    return rows, user_ids[kept_users], int(len(user_ids) - len(kept_users))
 
-    # ---- categories per row: flat values in row order, global codes sorted by name.
-    cat_lists = arrow_lists(interactions["categories"]).take(pa.array(order))
-    offsets = cat_lists.offsets.to_numpy().astype(np.int64)
+
+def _drop_short_histories(
+    order: np.ndarray, user_codes: np.ndarray, num_users: int, min_interactions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(``order`` without the rows of users with < ``min_interactions``, the kept user codes).
+
+    Every kept user needs a test target, a validation target and at least one input.
+    """
+    counts = np.bincount(user_codes, minlength=num_users)
+    order = order[counts[user_codes[order]] >= min_interactions]
+    if len(order) == 0:
+        raise ValueError(f"no user has >= {min_interactions} interactions")
+    return order, np.flatnonzero(counts >= min_interactions)
+
+
+def _row_categories(interactions: pd.DataFrame, order: np.ndarray) -> _Categories:
+    """Every row's categories (genres), in row order, with codes sorted by name."""
+    lists = arrow_lists(interactions["categories"]).take(pa.array(order))
+    offsets = lists.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]
-    flat = cat_lists.flatten()
-    del cat_lists
+    flat = lists.flatten()
+    del lists
     if len(flat):
-        cat_codes, cat_names = sorted_codes(flat)
+        codes, names = sorted_codes(flat)
     else:
-        cat_codes, cat_names = np.zeros(0, np.int32), np.zeros(0, dtype=object)
-    del flat
-    cat_row = np.repeat(np.arange(n_rows, dtype=np.int32), np.diff(offsets))
+        codes, names = np.zeros(0, np.int32), np.zeros(0, dtype=object)
+    return _Categories(offsets=offsets, codes=codes, names=names)
 
-    # ---- vocabularies from training rows only.
-    item_vocab, item_to_id = _vocabulary(item[is_train_row], item_ids, config.min_item_count)
-    cat_vocab, cat_to_id = _vocabulary(cat_codes[is_train_row[cat_row]], cat_names)
-    rating_values, rating_codes = np.unique(rating, return_inverse=True)
-    rating_vocab, _ = _vocabulary(rating_codes[is_train_row], rating_values.astype(object))
-    rating_vocab = _sort_rating_vocab(rating_vocab)
-    rating_ids = rating_vocab.lookup(rating)
 
-    # Row -> first G category ids.
-    rank = np.arange(len(cat_codes), dtype=np.int64) - offsets[cat_row]
-    # Smallest dtype that holds the ids (int16 for any realistic genre / category vocabulary).
-    row_cats = np.zeros((n_rows, G), dtype=np.int16 if cat_vocab.size < 2**15 else np.int32)
-    sel = rank < G
-    row_cats[cat_row[sel], rank[sel]] = cat_to_id[cat_codes[sel]]
-    del rank, sel, cat_row
+def _training_vocabularies(
+    rows: _Rows, categories: _Categories, item_ids: np.ndarray, min_item_count: int
+) -> tuple[dict[str, Vocabulary], np.ndarray, np.ndarray]:
+    """Item, genre and rating vocabularies, plus the item-code and genre-code -> id maps.
 
-    row_time = time_buckets(ts, pos == 0, config.num_time_buckets)
-    row_item_ids = item_to_id[item]
+    Counted over training rows only (everything before each user's validation target), so
+    tokens seen only in held-out targets are OOV and the ids do not leak them.
+    """
+    is_train = rows.position <= rows.length[rows.user] - 3
+    item_vocab, item_to_id = _vocabulary(rows.item[is_train], item_ids, min_item_count)
+    # A row's flag repeated once per category of the row.
+    category_is_train = np.repeat(is_train, np.diff(categories.offsets))
+    genre_vocab, genre_to_id = _vocabulary(categories.codes[category_is_train], categories.names)
+    rating_values, rating_codes = np.unique(rows.rating, return_inverse=True)
+    rating_vocab, _ = _vocabulary(rating_codes[is_train], rating_values.astype(object))
+    vocabularies = {
+        "item": item_vocab,
+        "genre": genre_vocab,
+        "rating": _sort_rating_vocab(rating_vocab),
+    }
+    return vocabularies, item_to_id, genre_to_id
 
-    # ---- example targets (global row indices), per split.
-    last = start + length - 1
-    stride = config.train_stride or L
-    n_train_targets = length - 3  # positions 1 .. n-3 can be training targets
-    per_user = np.where(n_train_targets >= 1, (n_train_targets - 1) // stride + 1, 0)
-    ex_user = np.repeat(np.arange(len(user_ids)), per_user)
-    k = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
-    k = np.repeat(per_user, per_user) - 1 - k  # oldest window first within a user
-    targets = {
-        "train": start[ex_user] + n_train_targets[ex_user] - k * stride,
-        "validation": last - 1,
-        "test": last,
+
+def _row_features(
+    rows: _Rows,
+    categories: _Categories,
+    vocabularies: dict[str, Vocabulary],
+    item_to_id: np.ndarray,
+    genre_to_id: np.ndarray,
+    config: HistoryConfig,
+) -> dict[str, np.ndarray]:
+    """Every per-interaction value, one array per feature indexed by row.
+
+    Computed once per row, not per example: ``_FEATURES`` reads them over every window that
+    holds the row (windows overlap when ``train_stride`` < ``max_history_length``) and at targets.
+    """
+    genres = _row_genres(
+        len(rows.order), categories, genre_to_id, vocabularies["genre"].size, config.max_categories
+    )
+    return {
+        "user": rows.user,
+        "position": rows.position,
+        "item_index": rows.item,
+        "item_id": item_to_id[rows.item],
+        "rating": rows.rating,
+        "rating_id": vocabularies["rating"].lookup(rows.rating),
+        "timestamp": rows.timestamp,
+        "time_bucket": time_buckets(rows.timestamp, rows.position == 0, config.num_time_buckets),
+        "genres": genres,
     }
 
-    splits, target_rows = {}, {}
-    for name, target in targets.items():
-        target = np.asarray(target, dtype=np.int64)
-        u = user[target]
-        window_start = np.maximum(start[u], target - L)
-        hist_len = (target - window_start).astype(np.int32)
-        idx = window_start[:, None] + np.arange(L)[None, :]
-        mask = np.arange(L)[None, :] < hist_len[:, None]
-        idx = np.where(mask, idx, 0).astype(np.int32 if n_rows < 2**31 else np.int64)
-        pad = ~mask
-        fav_code = _favorite_chunked(window_start, target, offsets, cat_codes)
-        fav_name = np.full(len(target), "", dtype=object)
-        fav_id = np.zeros(len(target), dtype=np.int32)
-        has_fav = fav_code >= 0
-        fav_name[has_fav] = cat_names[fav_code[has_fav]]
-        fav_id[has_fav] = cat_to_id[fav_code[has_fav]]
-        # Gather, then zero the padding in place: one [E, L(, G)] array per feature, not three.
-        splits[name] = {
-            "user_index": u.astype(np.int32),
-            "user_item_ids": _gather(row_item_ids, idx, pad, PAD_ID, np.int32),
-            "user_item_index": _gather(item, idx, pad, -1, np.int32),
-            "user_ratings": _gather(rating_ids, idx, pad, PAD_ID, np.int32),
-            "user_rating_values": _gather(rating, idx, pad, 0, np.float32),
-            "user_genres": _gather(row_cats, idx, pad, PAD_ID, np.int32),
-            "user_timestamps": _gather(ts, idx, pad, 0, np.int64),
-            "user_time_buckets": _gather(row_time, idx, pad, PAD_ID, np.int32),
-            "user_mask": mask,
-            "history_length": hist_len,
-            "target_position": pos[target].astype(np.int32),
-            "target_item_id": row_item_ids[target].astype(np.int32),
-            "target_item_index": item[target].astype(np.int32),
-            "target_title": item_titles[item[target]],
-            "target_rating": rating[target].astype(np.float32),
-            "target_timestamp": ts[target],
-            "favorite_genre": fav_name,
-            "favorite_genre_id": fav_id,
-            # The target interaction's own features (encoder pretraining appends them).
-            "target_rating_id": rating_ids[target].astype(np.int32),
-            "target_genres": row_cats[target].astype(np.int32),
-            "target_time_bucket": row_time[target],
-        }
-        target_rows[name] = order[target].astype(np.int64)
-        del idx, pad
-    return Histories(
-        config=config,
-        splits=splits,
-        vocabularies={"item": item_vocab, "genre": cat_vocab, "rating": rating_vocab},
-        user_ids=user_ids,
-        item_ids=item_ids,
-        item_titles=item_titles,
-        num_users_dropped=num_dropped,
-        user_offsets=np.concatenate([[0], np.cumsum(length)]).astype(np.int64),
-        user_items=item.astype(np.int32),
-        target_rows=target_rows,
+
+def _row_genres(
+    num_rows: int,
+    categories: _Categories,
+    genre_to_id: np.ndarray,
+    vocab_size: int,
+    max_categories: int,
+) -> np.ndarray:
+    """[num_rows, max_categories] ids of each row's first ``max_categories`` genres, 0-padded."""
+    category_row = np.repeat(np.arange(num_rows, dtype=np.int32), np.diff(categories.offsets))
+    rank = np.arange(len(categories.codes), dtype=np.int64) - categories.offsets[category_row]
+    # Smallest dtype that holds the ids (int16 for any realistic genre / category vocabulary):
+    # this array is gathered into every window.
+    genres = np.zeros(
+        (num_rows, max_categories), dtype=np.int16 if vocab_size < 2**15 else np.int32
     )
+    kept = rank < max_categories
+    genres[category_row[kept], rank[kept]] = genre_to_id[categories.codes[kept]]
+    return genres
+
+
+def _example_targets(rows: _Rows, stride: int) -> dict[str, np.ndarray]:
+    """Each split's example targets (rows), by user; training targets oldest window first.
+
+    Test: each user's last row; validation: the one before. Training targets step back from
+    the last training position (``length - 3``) by ``stride``, down to position 1 at the
+    earliest (position 0 has no input before it).
+    """
+    last = rows.start + rows.length - 1
+    num_train_positions = rows.length - 3  # positions 1 .. length - 3 can be training targets
+    per_user = np.where(num_train_positions >= 1, (num_train_positions - 1) // stride + 1, 0)
+    example_user = np.repeat(np.arange(len(rows.length)), per_user)
+    first_of_user = np.repeat(np.cumsum(per_user) - per_user, per_user)
+    rank_in_user = np.arange(per_user.sum()) - first_of_user
+    strides_back = np.repeat(per_user, per_user) - 1 - rank_in_user  # oldest window first
+    train = rows.start[example_user] + num_train_positions[example_user] - strides_back * stride
+    targets = {"train": train, "validation": last - 1, "test": last}
+    return {name: np.asarray(target, dtype=np.int64) for name, target in targets.items()}
+
+
+def _split_examples(
+    target: np.ndarray,
+    rows: _Rows,
+    row_features: dict[str, np.ndarray],
+    categories: _Categories,
+    genre_to_id: np.ndarray,
+    item_titles: np.ndarray,
+    config: HistoryConfig,
+) -> dict[str, np.ndarray]:
+    """One split's examples: the keys of ``_FEATURES``, for the examples ending at ``target``.
+
+    An example's window is the up to ``max_history_length`` rows strictly before its target.
+    """
+    max_length = config.max_history_length
+    user = rows.user[target]
+    window_start = np.maximum(rows.start[user], target - max_length)
+    history_length = (target - window_start).astype(np.int32)
+    slots = np.arange(max_length)[None, :]
+    mask = slots < history_length[:, None]
+    # The row of each window slot (row 0 at padded slots, overwritten by ``_gather``).
+    window_rows = np.where(mask, window_start[:, None] + slots, 0)
+    window_rows = window_rows.astype(np.int32 if len(rows.order) < 2**31 else np.int64)
+    pad = ~mask
+    favorite_name, favorite_id = _favorite_genres(window_start, target, categories, genre_to_id)
+    per_example = {
+        "user_mask": mask,
+        "history_length": history_length,
+        "target_title": item_titles[rows.item[target]],
+        "favorite_genre": favorite_name,
+        "favorite_genre_id": favorite_id,
+    }
+    examples = {}
+    for feature in _FEATURES:
+        if feature.read == _WINDOW:
+            values = row_features[feature.row_feature]
+            examples[feature.key] = _gather(values, window_rows, pad, feature.pad, feature.dtype)
+        elif feature.read == _TARGET:
+            values = row_features[feature.row_feature][target]
+            examples[feature.key] = values.astype(feature.dtype, copy=False)
+        else:  # _EXAMPLE
+            examples[feature.key] = per_example[feature.key]
+    return examples
+
+
+def _favorite_genres(
+    window_start: np.ndarray, target: np.ndarray, categories: _Categories, genre_to_id: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(name, vocabulary id) of each example's most frequent window genre; ("", 0) if none."""
+    code = _favorite_chunked(window_start, target, categories.offsets, categories.codes)
+    names = np.full(len(target), "", dtype=object)
+    ids = np.zeros(len(target), dtype=np.int32)
+    found = code >= 0
+    names[found] = categories.names[code[found]]
+    ids[found] = genre_to_id[code[found]]
+    return names, ids
 
 
 def _arrow_str(column: pd.Series) -> pa.Array:
