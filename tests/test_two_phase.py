@@ -45,6 +45,12 @@ def test_phase1_encoder_beats_popularity_on_held_out_last_items(phases):
     assert result["num_examples"] > 500  # ml-latest-small has 610 users
     assert result["encoder_recall@10"] > result["popularity_recall@10"]
     assert result["encoder_ndcg@10"] > result["popularity_ndcg@10"]
+    mean = run_module(
+        ["-m", "user_llm.encoder_eval", "--gin_file=experiments/movielens_encoder_pretrain.gin",
+         f"--gin.MODEL_DIR='{enc}'", "--split=test", "--k=10", "--pooling=mean"]
+    )  # fmt: skip
+    mean = json.loads(mean.stdout.strip().splitlines()[-1])
+    assert (mean["pooling"], mean["num_examples"]) == ("mean", result["num_examples"])
 
 
 def _finetune(root, lm, enc, name, *extra):

@@ -27,6 +27,7 @@ from user_llm.models import (
 from user_llm.perceiver import PerceiverResampler
 from user_llm.train_step import make_train_step
 from user_llm.user_encoder import DualEncoder, UserEncoder
+from user_llm.user_encoder import pool_states as ue_pool
 
 GOLDEN = REPO_ROOT / "tests" / "testdata" / "user_llm_params.json"
 B, L, G = 2, 6, 3
@@ -356,6 +357,28 @@ def test_encoder_pretraining_losses_fall_and_scores_rank_items():
         assert losses[-1] < losses[0] * 0.7, (type(module).__name__, losses[0], losses[-1])
         scores = model.score_next_items(state["params"], batch)
         assert scores.shape == (B, NUM_ITEMS)
+
+
+def test_pooled_states_are_the_last_or_the_mean_of_the_valid_ones():
+    hidden = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+    mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(ue_pool(hidden, mask, "last"), [hidden[0, 2], hidden[1, 0]])
+    np.testing.assert_allclose(
+        ue_pool(hidden, mask, "mean"), [hidden[0, :3].mean(0), hidden[1, 0]], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ue_pool(hidden, mask, "max")
+    model = ARUserEncoderModel(UserEncoder(ENCODER))
+    batch = user_batch(seed=3, lengths=(6, 1))
+    shapes = {k: v.shape for k, v in batch.items()}
+    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))["params"]
+    last = model.score_next_items(params, batch)
+    mean = model.score_next_items(params, batch, pooling="mean")
+    np.testing.assert_allclose(mean[1], last[1], rtol=1e-5)  # one state: the same
+    assert not np.allclose(mean[0], last[0])
+    dual = DualUserEncoderModel(DualEncoder(ENCODER))
+    with pytest.raises(ValueError, match="dual encoder.*only 'last'"):
+        dual.score_next_items({}, batch, pooling="mean")
 
 
 def test_sampled_softmax_option_trains():

@@ -1,13 +1,16 @@
 r"""Next-item ranking of a pretrained user encoder against the popularity baseline.
 
   python -m user_llm.encoder_eval --gin_file=experiments/movielens_encoder_pretrain.gin \
-      --gin.MODEL_DIR=\"runs/encoder\" [--split=test] [--k=10]
+      --gin.MODEL_DIR=\"runs/encoder\" [--split=test] [--k=10] [--pooling=last]
 
 Reads the run's own gin files (the same ones it trained with), restores the newest checkpoint
 in MODEL_DIR and, for every user of the split, ranks all items for the interaction after the
 history (the held-out last item for ``test``). Items already in the history, padding and the
 out-of-vocabulary id are not recommended. Prints one JSON line: Recall@k and NDCG@k with 95%
 bootstrap intervals, for the encoder and for popularity (counts in the training split).
+
+``--pooling=mean`` scores the mean of the encoder's states instead of its last one: a
+diagnostic of what a reader that cannot tell the states apart could reach (an AR encoder only).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def _define_flags() -> None:
     """Flags of the entry point only, so importing this module defines none."""
     flags.DEFINE_string("split", "test", "Split to evaluate (its last interaction is the target).")
     flags.DEFINE_integer("k", 10, "Cut-off for Recall@k and NDCG@k.")
+    flags.DEFINE_enum(
+        "pooling", "last", ["last", "mean"], "Encoder states the head scores (AR encoder)."
+    )
 
 
 def _batches(cfg: pipeline.DatasetConfig, split: str):
@@ -49,10 +55,13 @@ def evaluate(
     k: int = 10,
     item_feature: str = "user_item_ids",
     mask_feature: str = "user_mask",
+    pooling: str = "last",
 ) -> dict[str, Any]:
     """Per-example ranks for the encoder and popularity, summarized with bootstrap CIs."""
     train_items = [b[item_feature] * b[mask_feature] for b in _batches(dataset_cfg, "train")]
-    score_fn = jax.jit(model.score_next_items)
+    score_fn = jax.jit(
+        lambda p, b: model.score_next_items(p, b, item_feature=item_feature, pooling=pooling)
+    )
     encoder_ranks, popularity_ranks = [], []
     popularity = None
     for batch in _batches(dataset_cfg, split):
@@ -73,7 +82,7 @@ def evaluate(
         encoder_ranks.append(metrics.target_ranks(scores, targets, exclude)[keep])
         pop = np.broadcast_to(popularity, scores.shape)
         popularity_ranks.append(metrics.target_ranks(pop, targets, exclude)[keep])
-    result: dict[str, Any] = {"split": split, "k": k}
+    result: dict[str, Any] = {"split": split, "k": k, "pooling": pooling}
     for name, ranks in (("encoder", encoder_ranks), ("popularity", popularity_ranks)):
         ranks = np.concatenate(ranks)
         for metric, fn in (("recall", metrics.recall_at_k), ("ndcg", metrics.ndcg_at_k)):
@@ -92,7 +101,9 @@ def main(argv: Sequence[str]) -> None:
     gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
     params = checkpoints.unflatten(checkpoints.read_params(run["model_dir"]))
-    result = evaluate(run["model"], params, run["train_dataset_cfg"], FLAGS.split, FLAGS.k)
+    result = evaluate(
+        run["model"], params, run["train_dataset_cfg"], FLAGS.split, FLAGS.k, pooling=FLAGS.pooling
+    )
     print(json.dumps(result), flush=True)
 
 

@@ -615,9 +615,14 @@ class UserEncoderModel:
         raise NotImplementedError
 
     def score_next_items(
-        self, params: Params, batch: Batch, item_feature: str = "user_item_ids"
+        self,
+        params: Params,
+        batch: Batch,
+        item_feature: str = "user_item_ids",
+        pooling: str = "last",
     ) -> Array:
-        """Scores [b, num_items] for the item after each row's last interaction."""
+        """Scores [b, num_items] for the item after each row's last interaction (``pooling``:
+        which encoder states the head reads, ``user_encoder.pool_states``; AR encoders only)."""
         raise NotImplementedError
 
     def _touch_all_parameters(self, module: nn.Module, features: Batch) -> Any:
@@ -655,11 +660,11 @@ class ARUserEncoderModel(UserEncoderModel):
 
         return self.module.apply({"params": params}, features, rngs=rngs, method=loss)
 
-    def score_next_items(self, params, batch, item_feature="user_item_ids"):
+    def score_next_items(self, params, batch, item_feature="user_item_ids", pooling="last"):
         def score(module, features):
             hidden = module(features)
-            last = ue.last_position(hidden, features[module.config.mask_feature])
-            return module.feature_logits(last, item_feature)
+            pooled = ue.pool_states(hidden, features[module.config.mask_feature], pooling)
+            return module.feature_logits(pooled, item_feature)
 
         return self.module.apply({"params": params}, user_features(batch), method=score)
 
@@ -698,7 +703,13 @@ class DualUserEncoderModel(UserEncoderModel):
         metrics = {"cross_entropy_sum": loss, "correct_sum": jnp.sum(correct * valid)}
         return loss, jnp.sum(valid), metrics
 
-    def score_next_items(self, params, batch, item_feature="user_item_ids"):
+    def score_next_items(self, params, batch, item_feature="user_item_ids", pooling="last"):
+        if pooling != "last":
+            raise ValueError(
+                f"pooling={pooling!r}: the dual encoder's user vector has its own pooling "
+                "(its last position, through its user head); only 'last' applies"
+            )
+
         def score(module, features):
             user = module.user_vector(features)
             return user @ module.item_vector(jnp.arange(module.item_table.num_embeddings)).T

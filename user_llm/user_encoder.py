@@ -253,6 +253,22 @@ def last_position(values: Array, mask: Array) -> Array:
     return jnp.take_along_axis(values, idx.reshape((-1,) + (1,) * (values.ndim - 1)), axis=1)[:, 0]
 
 
+POOLINGS = ("last", "mean")
+
+
+def pool_states(hidden: Array, mask: Array, pooling: str = "last") -> Array:
+    """[b, D] one state per row: the last valid position's (``"last"``, what the next-item head
+    is trained on) or the mean over valid positions (``"mean"``). The mean is a diagnostic:
+    it is what a reader that mixes the states without telling them apart gets
+    (results/phase2_recipe.md, row 12)."""
+    if pooling == "last":
+        return last_position(hidden, mask)
+    if pooling == "mean":
+        weights = mask.astype(hidden.dtype)[..., None]
+        return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 def next_feature_loss(
     encoder: UserEncoder,
     hidden: Array,
