@@ -45,6 +45,7 @@ from user_llm.user_encoder import (
     DualEncoder,
     UserEncoder,
     UserEncoderConfig,
+    last_index,
     last_position,
     load_item_text_table,
 )
@@ -119,8 +120,7 @@ class IntegrationConfig:
 def recency_distance(mask: Array, num_positions: int) -> Array:
     """[b, L] int32: each position's distance from its row's last valid one (right-padded
     histories), clipped to [0, num_positions - 1]; padding after the last reads 0."""
-    last = jnp.sum(mask.astype(jnp.int32), axis=1, keepdims=True) - 1
-    distance = last - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
+    distance = last_index(mask)[:, None] - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
     return jnp.clip(distance, 0, num_positions - 1)
 
 

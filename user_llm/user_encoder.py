@@ -247,9 +247,14 @@ class UserEncoder(nn.Module):
         return self.heads[name](hidden), self.embedder.output_table(name)
 
 
+def last_index(mask: Array) -> Array:
+    """[b] int32: each row's last valid position (right-padded histories; 0 for an empty row)."""
+    return jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def last_position(values: Array, mask: Array) -> Array:
     """values [b, L, ...] at each row's last valid position (right-padded histories)."""
-    idx = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    idx = last_index(mask)
     return jnp.take_along_axis(values, idx.reshape((-1,) + (1,) * (values.ndim - 1)), axis=1)[:, 0]
 
 
@@ -362,7 +367,7 @@ def _normalize(x: Array) -> Array:
 def split_last_interaction(features: Mapping[str, Any], mask_feature: str) -> tuple[dict, Array]:
     """(history without each row's last interaction, that last interaction's position)."""
     mask = features[mask_feature].astype(bool)
-    last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    last = last_index(mask)
     keep = mask & (jnp.arange(mask.shape[1])[None, :] < last[:, None])
     history = dict(features)
     history[mask_feature] = keep

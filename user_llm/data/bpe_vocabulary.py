@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import seqio
+from tokenizers import Tokenizer
 
 from user_llm.vocabularies import BPETokenizer
 
@@ -140,8 +141,6 @@ class ByteLevelBPEVocabulary(seqio.Vocabulary):
 
 
 def _rebuild_vocabulary(tokenizer_json: str, spec: dict[str, Any]) -> ByteLevelBPEVocabulary:
-    from tokenizers import Tokenizer
-
     spec = dict(spec)
     extra_ids = spec.pop("extra_ids", 0)
     tok = BPETokenizer(Tokenizer.from_str(tokenizer_json), **spec)

@@ -339,6 +339,12 @@ def _row_categories(interactions: pd.DataFrame, order: np.ndarray) -> _Categorie
     return _Categories(offsets=offsets, codes=codes, names=names)
 
 
+def _last_training_position(length: np.ndarray) -> np.ndarray:
+    """Per user: the last position that training sees (the last two are the validation and
+    test targets)."""
+    return length - 3
+
+
 def _training_vocabularies(
     rows: _Rows, categories: _Categories, item_ids: np.ndarray, min_item_count: int
 ) -> tuple[dict[str, Vocabulary], np.ndarray, np.ndarray]:
@@ -347,7 +353,7 @@ def _training_vocabularies(
     Counted over training rows only (everything before each user's validation target), so
     tokens seen only in held-out targets are OOV and the ids do not leak them.
     """
-    is_train = rows.position <= rows.length[rows.user] - 3
+    is_train = rows.position <= _last_training_position(rows.length)[rows.user]
     item_vocab, item_to_id = _vocabulary(rows.item[is_train], item_ids, min_item_count)
     # A row's flag repeated once per category of the row.
     category_is_train = np.repeat(is_train, np.diff(categories.offsets))
@@ -419,7 +425,8 @@ def _example_targets(rows: _Rows, stride: int) -> dict[str, np.ndarray]:
     earliest (position 0 has no input before it).
     """
     last = rows.start + rows.length - 1
-    num_train_positions = rows.length - 3  # positions 1 .. length - 3 can be training targets
+    # Positions 1 .. the last training position can be training targets.
+    num_train_positions = _last_training_position(rows.length)
     per_user = np.where(num_train_positions >= 1, (num_train_positions - 1) // stride + 1, 0)
     example_user = np.repeat(np.arange(len(rows.length)), per_user)
     first_of_user = np.repeat(np.cumsum(per_user) - per_user, per_user)
