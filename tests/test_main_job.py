@@ -183,3 +183,36 @@ def test_later_systems_are_paired_with_the_first_on_the_same_examples(tmp_path):
     assert list(paired["A"]) == ["head (same users)"]
     assert list(paired["A"]["head (same users)"]) == ["Item head: Recall@5"]
     assert paired["A"]["head (same users)"]["Item head: Recall@5"][0] == pytest.approx(-50.0)
+
+
+def test_user_llm_is_paired_with_text_prompts_on_the_same_targets_only(tmp_path):
+    """User-LLM (title ranking and item head) minus TP's title ranking, over the examples both
+    read: different task forms of the same users, so the targets must agree example by
+    example, and a mismatch is refused rather than paired."""
+    user_llm, tp = ex.Variant("U"), ex.Variant("T", kind="tp_frozen", form="tpchat")
+    hits = {"U": [1, 0, 1, 0], "T": [0, 0, 1, 1]}
+    items = [1, 1, 1, 0]  # U's item head
+    ran = {}
+
+    def write(v, targets):
+        name = ex.task("movielens", "next_item", v.form, 50)
+        lines = []
+        for i, (h, t) in enumerate(zip(hits[v.name], targets, strict=True)):
+            metrics = {"recall@5_norm": h, "recall@5": 1 - h}  # TP's summed score: not paired
+            if v is user_llm:
+                metrics["item_head_recall@5"] = items[i]
+            lines.append(json.dumps({"task": name, "index": i, "target": t, "metrics": metrics}))
+        (tmp_path / f"{v.name}.predictions.jsonl").write_text("\n".join(lines))
+        ran[v.name] = {"eval": f"{v.name}.json"}
+
+    write(user_llm, ["a", "b", "c", "d"])
+    write(tp, ["a", "b", "c", "d"])
+    paired = ex.versus_first_system(ran, [user_llm, tp], "movielens", tmp_path)
+    assert list(paired) == ["U"] and list(paired["U"]) == ["T (same users)"]
+    diffs = paired["U"]["T (same users)"]
+    assert sorted(diffs) == ["Item head: Recall@5", "Recall@5"]
+    assert diffs["Recall@5"][0] == pytest.approx(0.0)  # (2 - 2) / 4, headline scores
+    assert diffs["Item head: Recall@5"][0] == pytest.approx(25.0)  # (3 - 2) / 4
+    write(tp, ["a", "b", "x", "d"])
+    with pytest.raises(ValueError, match="do not have the same targets"):
+        ex.versus_first_system(ran, [user_llm, tp], "movielens", tmp_path)

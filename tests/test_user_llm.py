@@ -695,6 +695,34 @@ def test_every_model_wrapper_is_a_trainable_model():
         DualUserEncoderModel(DualEncoder(ENCODER), temperature=0.0)
 
 
+def test_input_features_name_what_each_model_reads_and_a_missing_one_is_refused():
+    """``TrainableModel.input_features``: the decoder keys, the encoder's history features (its
+    config's, with the mask) and the item head's target; ``check_input_features`` names what a
+    dataset lacks. The batches the tests feed each model give every feature it declares."""
+    from user_llm.errors import ConfigError
+    from user_llm.models import DecoderOnlyModel, check_input_features
+
+    decoder_keys = {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"}
+    history = {"user_item_ids", "user_ratings", "user_genres", "user_mask"}
+    assert DecoderOnlyModel(Decoder(tiny_decoder_config())).input_features() == decoder_keys
+    model, _, batch = build("xattn_ar_early")
+    assert model.input_features() == decoder_keys | history
+    check_input_features(model, batch, "the test batch")
+    assert _item_head_llm()[0].input_features() == decoder_keys | history | {"item_target_id"}
+    for encoder in (
+        ARUserEncoderModel(UserEncoder(ENCODER)),
+        DualUserEncoderModel(DualEncoder(ENCODER)),
+    ):
+        assert encoder.input_features() == history
+        check_input_features(encoder, user_batch(), "the test batch")
+    without_ratings = {k: v for k, v in batch.items() if k != "user_ratings"}
+    with pytest.raises(
+        ConfigError,
+        match=r"UserLLMModel reads \['user_ratings'\], which the test batch does not give",
+    ):
+        check_input_features(model, without_ratings, "the test batch")
+
+
 def _item_head_llm(**kw):
     integration = IntegrationConfig(item_head=True, **kw)
     module = UserLLM(tiny_decoder_config(cross_attention_layers=(1,)), ENCODER, integration)

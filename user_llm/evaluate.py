@@ -60,7 +60,7 @@ from absl import flags
 
 from user_llm import checkpoints, errors, metrics
 from user_llm.data import families, pipeline
-from user_llm.models import packed_candidate_width
+from user_llm.models import packed_candidate_width, user_features
 
 FLAGS = flags.FLAGS
 
@@ -229,7 +229,7 @@ def with_control(examples: Mapping[str, np.ndarray], control: str) -> dict[str, 
     """The examples with the user context replaced: ``shuffled_user`` gives example i the user
     arrays of example (i + n // 2) mod n (another test user, same prompt, target and
     candidates); ``no_user`` gives every example an empty history."""
-    users = [k for k in examples if k.startswith("user_")]
+    users = list(user_features(examples))
     if not users:
         raise ValueError("controls need user_* arrays; this task has none")
     out = dict(examples)

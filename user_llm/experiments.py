@@ -515,55 +515,84 @@ def collect(ran: dict, variants: Sequence[Variant], dataset: str, root: Path) ->
     return {"rows": {**rows, **rules}, "paired": paired, "diagnostics": diagnostics}
 
 
-def _per_example(path: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """{(task, index): metrics} of an eval's predictions file ({} for an eval written before
-    evaluations kept one: that system is then not paired)."""
+def _per_example(path: Path) -> dict[tuple[str, int], dict]:
+    """{(task, index): record} of an eval's predictions file (its ``metrics`` and, where
+    written, ``target``); {} for an eval written before evaluations kept one: that system is
+    then not paired."""
     out = {}
     if not path.exists():
         return out
     with open(path) as f:
         for line in f:
             record = json.loads(line)
-            out[(record["task"], record["index"])] = record["metrics"]
+            out[(record["task"], record["index"])] = record
     return out
+
+
+TEXT_PROMPT_KINDS = ("tp_frozen", "tp_lora")
 
 
 def versus_first_system(
     ran: dict, variants: Sequence[Variant], dataset: str, root: Path
 ) -> dict[str, dict[str, dict]]:
-    """{system: {"<first> (same users)": {column: [diff, low, high]}}}: each later system of a
-    kind (User-LLM, encoder head, ...) minus the study's first of that kind, paired over the
-    examples both evaluated (the same users and candidates), from their predictions files.
-    A User-LLM item head (``item_head_*`` columns) is also paired with the study's first
-    encoder head: does the LLM keep what the encoder knows? Systems reading another form or
-    history length are not paired: their examples differ."""
+    """{system: {"<reference> (same users)": {column: [diff, low, high]}}}, paired over the
+    examples both systems evaluated (the same users and candidates), from their predictions:
+
+    - each later system of a kind (User-LLM, encoder head, ...) minus the study's first of it;
+    - each User-LLM item head (``item_head_*`` columns) minus the study's first encoder head:
+      does the LLM keep what the encoder knows?
+    - each User-LLM system minus each text-prompt (TP) system, its title ranking and its item
+      head against TP's title ranking: does the embedding beat the history as text? The two
+      read different task forms of the same examples, so every paired example's target must
+      agree, or the pair is refused.
+
+    Systems at another history length are not paired: their examples differ."""
     from user_llm import metrics
 
     def predictions(v: Variant) -> dict:
-        """{(task without the LLM suffix, index): metrics}: an encoder head reads the byte
+        """{(task without the LLM suffix, index): record}: an encoder head reads the byte
         task and User-LLM the SmolLM2 one, with the same examples in the same order."""
         path = root / ran[v.name]["eval"]
         per = _per_example(path.with_name(path.stem + ".predictions.jsonl"))
-        return {(t.removesuffix(SUFFIX), i): m for (t, i), m in per.items()}
+        return {(t.removesuffix(SUFFIX), i): r for (t, i), r in per.items()}
 
     out: dict[str, dict[str, dict]] = {}
 
     def pair(v: Variant, first: Variant, mine: dict, reference: dict, strip: str = "") -> None:
-        if (v.form, v.history_length) != (first.form, first.history_length):
+        if v.history_length != first.history_length:
             return
         for title, task_kind, metric in COLUMNS:
             if strip and not metric.startswith(strip):
                 continue
-            name = task(dataset, task_kind, v.form, v.history_length).removesuffix(SUFFIX)
-            keys = sorted(k for k in mine if k[0] == name and k in reference)
+            name, ref_name = (
+                task(dataset, task_kind, form, v.history_length).removesuffix(SUFFIX)
+                for form in (v.form, first.form)
+            )
+            keys = sorted(i for t, i in mine if t == name and (ref_name, i) in reference)
             if not keys:
                 continue
-            m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in mine[keys[0]]), "")
-            ref = m.removeprefix(strip)
-            if not m or ref not in reference[keys[0]]:
+            a_records = [mine[(name, i)] for i in keys]
+            b_records = [reference[(ref_name, i)] for i in keys]
+            if name != ref_name and any(
+                a.get("target") is None or a.get("target") != b.get("target")
+                for a, b in zip(a_records, b_records, strict=True)
+            ):
+                raise ValueError(
+                    f"{v.name!r} ({name}) and {first.name!r} ({ref_name}) do not have the same "
+                    "targets at the same example indices: their examples differ, so they "
+                    "cannot be paired"
+                )
+            mine_metrics, ref_metrics = a_records[0]["metrics"], b_records[0]["metrics"]
+            m = next((m for m in (metric, metric.removesuffix(SCORING)) if m in mine_metrics), "")
+            # An item head column pairs with the reference's own ranking: its headline score
+            # where it has one (TP), else its plain metric (the encoder head).
+            base = m.removeprefix(strip)
+            candidates = (base + SCORING, base) if strip else (base,)
+            ref = next((r for r in candidates if r in ref_metrics), "")
+            if not m or not ref:
                 continue
-            a = np.array([mine[k][m] for k in keys], np.float64)
-            b = np.array([reference[k][ref] for k in keys], np.float64)
+            a = np.array([r["metrics"][m] for r in a_records], np.float64)
+            b = np.array([r["metrics"][ref] for r in b_records], np.float64)
             diffs = out.setdefault(v.name, {}).setdefault(f"{first.name} (same users)", {})
             diffs[title] = list(metrics.paired_bootstrap_ci(100.0 * a, 100.0 * b))
 
@@ -573,13 +602,19 @@ def versus_first_system(
         if later:
             reference = predictions(first)
             for v in later:
-                pair(v, first, predictions(v), reference)
+                if v.form == first.form:
+                    pair(v, first, predictions(v), reference)
+    user_llm = [v for v in variants if v.kind == "user_llm"]
     heads = [v for v in variants if v.kind == "encoder"]
     if heads:
         reference = predictions(heads[0])
-        for v in variants:
-            if v.kind == "user_llm":
-                pair(v, heads[0], predictions(v), reference, strip=metrics.ITEM_HEAD)
+        for v in user_llm:
+            pair(v, heads[0], predictions(v), reference, strip=metrics.ITEM_HEAD)
+    for tp in (v for v in variants if v.kind in TEXT_PROMPT_KINDS):
+        reference = predictions(tp)
+        for v in user_llm:
+            pair(v, tp, predictions(v), reference)
+            pair(v, tp, predictions(v), reference, strip=metrics.ITEM_HEAD)
     return out
 
 

@@ -11,7 +11,7 @@ Subclasses (User-LLM) add inputs to the module through ``module_inputs``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
@@ -22,6 +22,7 @@ import numpy as np
 from user_llm import decoding
 from user_llm import user_encoder as ue
 from user_llm.decoder import Decoder, module_cache
+from user_llm.errors import ConfigError
 from user_llm.feature_names import FIRST_ITEM_ID, ITEM_TARGET, USER_PREFIX
 
 Array = jax.Array
@@ -54,6 +55,11 @@ class TrainableModel(Protocol):
         """Scalars to log next to the loss (gates, norms); {} when there are none."""
         ...
 
+    def input_features(self) -> frozenset[str]:
+        """The batch features the model reads: a dataset lacking one is refused before any
+        step (``check_input_features``), not met as a KeyError inside a traced function."""
+        ...
+
     def get_initial_variables(
         self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]], input_types: Any = None
     ) -> Any:
@@ -83,6 +89,19 @@ def cross_entropy_terms(
         "correct_sum": jnp.sum(correct * weights),
     }
     return loss + z_term, jnp.sum(weights), metrics
+
+
+def check_input_features(model: TrainableModel, available: Iterable[str], source: str) -> None:
+    """Raises ``ConfigError`` naming the features ``model`` reads that ``source`` (a mixture or
+    task, as the error should name it) does not give."""
+    available = set(available)
+    missing = sorted(model.input_features() - available)
+    if missing:
+        raise ConfigError(
+            f"{type(model).__name__} reads {missing}, which {source} does not give (it gives "
+            f"{sorted(available)}); check the task's output features and the model's gin "
+            "(encoder features, DatasetConfig.passthrough_features)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +205,10 @@ class DecoderOnlyModel:
         # SmolLM2) and its [length, vocab] logits at every prompt token. A row with more loss
         # tokens than N makes the loss NaN (the run stops, naming it), never silently smaller.
         self.loss_positions = loss_positions
+
+    def input_features(self) -> frozenset[str]:
+        """SeqIO's decoder batch keys that training reads (the rest are optional)."""
+        return frozenset(("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"))
 
     def prefix_mask(self, batch: Batch) -> Array | None:
         """The bidirectional-prompt mask the module gets (None when prompts are causal)."""
@@ -502,6 +525,12 @@ class UserLLMModel(DecoderOnlyModel):
     def module_inputs(self, batch: Batch) -> dict[str, Any]:
         return {"user_features": user_features(batch)}
 
+    def input_features(self) -> frozenset[str]:
+        """The decoder keys, the encoder's history features and, with the item head, each
+        example's next-item id."""
+        item = {ITEM_TARGET} if self.has_item_head else set()
+        return super().input_features() | self.module.encoder_config.batch_features | item
+
     @property
     def has_item_head(self) -> bool:
         return bool(self.module.integration.item_head)
@@ -632,6 +661,10 @@ class UserEncoderModel:
     def diagnostics(self, params: Params, batch: Batch) -> dict[str, Array]:
         del params, batch
         return {}
+
+    def input_features(self) -> frozenset[str]:
+        """The encoder's history features (its config's)."""
+        return self.module.config.batch_features
 
     def loss_fn(self, params, batch, dropout_rng):
         loss, weight, metrics = self.loss_terms(params, batch, dropout_rng)

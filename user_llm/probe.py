@@ -26,6 +26,7 @@ from absl import flags
 
 from user_llm import checkpoints, metrics
 from user_llm.data import families
+from user_llm.models import user_features
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +40,7 @@ def _define_flags() -> None:
 
 def pooled_contexts(model, params, examples: dict[str, np.ndarray], batch_size: int = 64):
     """[n, width] mean of each example's valid context vectors (zeros without history)."""
-    users = {k: v for k, v in examples.items() if k.startswith("user_")}
+    users = user_features(examples)
     encode = jax.jit(lambda p, f: model.module.apply({"params": p}, f, method="encode_user"))
     out = []
     n = len(users["user_mask"])

@@ -23,7 +23,7 @@ import optax
 
 from user_llm import checkpoints, distributed, errors, optimizers, partitioning, strategies
 from user_llm.data import pipeline
-from user_llm.models import TrainableModel
+from user_llm.models import TrainableModel, check_input_features
 from user_llm.train_step import make_eval_step, make_train_step
 
 Array = jax.Array
@@ -174,6 +174,9 @@ def train(
         train_dataset_cfg, shard_id=jax.process_index(), num_shards=jax.process_count()
     )
     spec = train_ds.element_spec
+    check_input_features(
+        model, spec, f"the training data {train_dataset_cfg.mixture_or_task_name!r}"
+    )
     _write_data_report(model_dir_path)
     micro = train_dataset_cfg.batch_size // accumulation_steps
     input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}

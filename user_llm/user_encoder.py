@@ -92,6 +92,11 @@ class UserEncoderConfig:
         )
 
     @property
+    def batch_features(self) -> frozenset[str]:
+        """Every batch feature the encoder reads: its input features and the mask."""
+        return frozenset(self.feature_names + (self.mask_feature,))
+
+    @property
     def vocab_sizes(self) -> dict[str, int]:
         return dict(self.categorical_features + self.multivalued_features)
 

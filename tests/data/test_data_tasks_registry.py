@@ -15,12 +15,15 @@ seqio = pytest.importorskip("seqio")
 
 from tasks import (  # noqa: E402
     amazon_reviews,
+    common,
     google_local,
     movielens,
 )
 from tests.conftest import REPO_ROOT  # noqa: E402
 from tests.data.datagen import write_json_lines  # noqa: E402
 from user_llm.data import pipeline  # noqa: E402
+from user_llm.models import ARUserEncoderModel, check_input_features  # noqa: E402
+from user_llm.user_encoder import UserEncoder, UserEncoderConfig  # noqa: E402
 
 FAMILIES = (movielens.FAMILY, amazon_reviews.FAMILY, google_local.FAMILY)
 TEXT_LENGTHS = {"inputs": 64, "targets": 16}
@@ -124,6 +127,16 @@ def test_every_present_task_yields_batches(google_dir, history_length):
             assert batch["decoder_loss_weights"].sum() > 0, name
         if conv != "prefix_lm":
             assert batch["user_mask"].sum() > 0, name
+            # The encoder that the model gins size from this family's data reads only what
+            # its tasks give.
+            sizes = {
+                kind: tuple(common.encoder_feature_sizes(family.name, length, kind).items())
+                for kind in ("categorical", "multivalued")
+            }
+            encoder = UserEncoderConfig(
+                categorical_features=sizes["categorical"], multivalued_features=sizes["multivalued"]
+            )
+            check_input_features(ARUserEncoderModel(UserEncoder(encoder)), batch, name)
         checked += 1
     # MovieLens (5 tasks) and Google Local (7, the test's files) always; Amazon if present.
     assert checked >= 5 + 7

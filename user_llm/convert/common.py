@@ -45,6 +45,17 @@ class UnsupportedModelError(ConversionError):
     quantization type, rope scaling, ...)."""
 
 
+def decoder_config(
+    fields: Mapping[str, Any], overrides: Mapping[str, Any], source: Any
+) -> DecoderConfig:
+    """The ``DecoderConfig`` of a file's ``fields`` with the caller's ``overrides``; a value the
+    config rejects becomes a ``ConversionError`` naming ``source``."""
+    try:
+        return DecoderConfig(**{**fields, **overrides})
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from e
+
+
 # -- HF names -> our tree ------------------------------------------------------------------
 
 _LAYER_TENSORS = {

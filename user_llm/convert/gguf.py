@@ -27,6 +27,7 @@ from user_llm.convert.common import (
     CorruptFileError,
     UnsupportedModelError,
     build_params,
+    decoder_config,
     unpermute_rows,
 )
 from user_llm.decoder import DecoderConfig
@@ -392,11 +393,7 @@ def config_from_gguf(f: GGUFFile, **overrides: Any) -> DecoderConfig:
         tie_embeddings="output.weight" not in f.tensors,
         use_qkv_bias=arch == "qwen2",
     )
-    kw.update(overrides)
-    try:
-        return DecoderConfig(**kw)
-    except ValueError as e:
-        raise ConversionError(f"{path}: {e}") from e
+    return decoder_config(kw, overrides, path)
 
 
 def load_gguf(

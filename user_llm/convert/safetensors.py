@@ -25,6 +25,7 @@ from user_llm.convert.common import (
     CorruptFileError,
     UnsupportedModelError,
     build_params,
+    decoder_config,
 )
 from user_llm.decoder import DecoderConfig
 
@@ -167,11 +168,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Deco
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{source}: config.json lacks or mangles {e}") from e
-    kw.update(overrides)
-    try:
-        return DecoderConfig(**kw)
-    except ValueError as e:
-        raise ConversionError(f"{source}: {e}") from e
+    return decoder_config(kw, overrides, source)
 
 
 def load_hf_dir(

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-USER_PREFIX = "user_"
+from user_llm.feature_names import USER_PREFIX
+
 _FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
 
