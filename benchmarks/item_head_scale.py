@@ -22,6 +22,7 @@ import tasks.movielens  # noqa: F401  (registers the task)
 from user_llm import checkpoints, evaluate, gin_utils
 from user_llm import user_encoder as ue
 from user_llm.layers import kernel_init
+from user_llm.models import user_features
 
 TASK = "movielens_next_item_userllm_h50_smollm2"
 ITEMS = "user_item_ids"
@@ -49,7 +50,7 @@ def main(run_dir: str, n: int) -> None:
     label = np.asarray(ex["candidate_label"]).reshape(-1)
     target = np.asarray(ex["candidate_item_ids"])[np.arange(len(label)), label]
     batch = {k: jnp.asarray(v) for k, v in ex.items() if not k.startswith("candidate")}
-    users = {k: v for k, v in batch.items() if k.startswith("user_")}
+    users = user_features(batch)
     answer = jnp.argmax(batch["decoder_loss_weights"] > 0, axis=1)[:, None]
     hidden = model._forward(params["params"], batch, None, True, answer, return_hidden=True)[:, 0]
 

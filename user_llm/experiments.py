@@ -549,18 +549,24 @@ def versus_first_system(
     Systems at another history length are not paired: their examples differ."""
     from user_llm import metrics
 
+    read: dict[str, dict] = {}
+
     def predictions(v: Variant) -> dict:
         """{(task without the LLM suffix, index): record}: an encoder head reads the byte
-        task and User-LLM the SmolLM2 one, with the same examples in the same order."""
-        path = root / ran[v.name]["eval"]
-        per = _per_example(path.with_name(path.stem + ".predictions.jsonl"))
-        return {(t.removesuffix(SUFFIX), i): r for (t, i), r in per.items()}
+        task and User-LLM the SmolLM2 one, with the same examples in the same order. Each
+        system's file is read once, however many systems it is paired with."""
+        if v.name not in read:
+            path = root / ran[v.name]["eval"]
+            per = _per_example(path.with_name(path.stem + ".predictions.jsonl"))
+            read[v.name] = {(t.removesuffix(SUFFIX), i): r for (t, i), r in per.items()}
+        return read[v.name]
 
     out: dict[str, dict[str, dict]] = {}
 
-    def pair(v: Variant, first: Variant, mine: dict, reference: dict, strip: str = "") -> None:
+    def pair(v: Variant, first: Variant, strip: str = "") -> None:
         if v.history_length != first.history_length:
             return
+        mine, reference = predictions(v), predictions(first)
         for title, task_kind, metric in COLUMNS:
             if strip and not metric.startswith(strip):
                 continue
@@ -599,22 +605,18 @@ def versus_first_system(
     for kind in dict.fromkeys(v.kind for v in variants):
         same_kind = [v for v in variants if v.kind == kind]
         first, later = same_kind[0], same_kind[1:]
-        if later:
-            reference = predictions(first)
-            for v in later:
-                if v.form == first.form:
-                    pair(v, first, predictions(v), reference)
+        for v in later:
+            if v.form == first.form:
+                pair(v, first)
     user_llm = [v for v in variants if v.kind == "user_llm"]
     heads = [v for v in variants if v.kind == "encoder"]
     if heads:
-        reference = predictions(heads[0])
         for v in user_llm:
-            pair(v, heads[0], predictions(v), reference, strip=metrics.ITEM_HEAD)
+            pair(v, heads[0], strip=metrics.ITEM_HEAD)
     for tp in (v for v in variants if v.kind in TEXT_PROMPT_KINDS):
-        reference = predictions(tp)
         for v in user_llm:
-            pair(v, tp, predictions(v), reference)
-            pair(v, tp, predictions(v), reference, strip=metrics.ITEM_HEAD)
+            pair(v, tp)
+            pair(v, tp, strip=metrics.ITEM_HEAD)
     return out
 
 
