@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, tiny_decoder_config
 
 from user_llm import lora, models, strategies, testing
 from user_llm.decoder import Decoder
-from user_llm.integration import IntegrationConfig, UserLLM, recency_distance
+from user_llm.integration import IntegrationConfig, UserLLM, belief_scores, recency_distance
 from user_llm.models import (
     ARUserEncoderModel,
     DualUserEncoderModel,
@@ -621,7 +621,6 @@ def _belief_llm(tmp_path, **kw):
 
 
 def test_belief_tokens_are_the_titles_of_the_encoder_heads_top_items(tmp_path):
-    from user_llm.integration import belief_scores
 
     module, params, table = _belief_llm(tmp_path)
     features = user_batch(lengths=(6, 3))
@@ -764,6 +763,73 @@ def test_item_head_loss_is_the_title_loss_plus_the_next_items_cross_entropy():
     np.testing.assert_allclose(model.item_scores(params, batch), item_logits, rtol=1e-5)
 
 
+def test_distillation_kl_matches_a_hand_computation_and_skips_ruled_out_items():
+    from user_llm.models import distillation_kl
+
+    teacher = jnp.asarray([[0.0, jnp.log(3.0), -jnp.inf], [1.0, 2.0, 3.0]])
+    student = jnp.asarray([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    # Row 0: p = (1/4, 3/4, 0), q uniform; row 1 is weighted 0 (and equal anyway).
+    by_hand = 0.25 * np.log(0.25 * 3) + 0.75 * np.log(0.75 * 3)
+    got = distillation_kl(teacher, student, jnp.asarray([1.0, 0.0]))
+    np.testing.assert_allclose(got, by_hand, rtol=1e-6)
+    assert float(distillation_kl(student, student, jnp.ones(2))) == pytest.approx(0.0, abs=1e-6)
+    grad = jax.grad(lambda s: distillation_kl(teacher, s, jnp.ones(2)))(student)
+    assert np.all(np.isfinite(grad))  # the -inf teacher entry gives no NaN
+
+
+def test_item_distillation_adds_the_kl_to_the_encoder_head_and_pulls_the_item_head_to_it():
+    model, params, batch = _item_head_llm(item_distill_weight=2.0)
+    plain = UserLLMModel(
+        dataclasses.replace(model.module, integration=IntegrationConfig(item_head=True)), eos_id=1
+    )
+    loss, _, metrics = model.loss_terms(params, batch, None)
+    plain_loss, _, _ = plain.loss_terms(params, batch, None)
+    # By hand: the teacher is the encoder head on the last state with the history excluded
+    # (belief_scores), only example 0 has a next item (example 1's is OOV).
+    variables = {"params": params}
+    hidden = model.module.apply(variables, user_batch(), method=lambda m, f: m.user_encoder(f))
+    teacher = model.module.apply(
+        variables,
+        hidden,
+        user_batch(),
+        method=lambda m, h, f: belief_scores(m.user_encoder, h, f, "user_item_ids"),
+    )
+    log_p = jax.nn.log_softmax(teacher[0])
+    log_q = jax.nn.log_softmax(model.item_scores(params, batch)[0])
+    p = jnp.exp(log_p)
+    kl = jnp.sum(jnp.where(p > 0, p * (jnp.where(p > 0, log_p, 0.0) - log_q), 0.0))
+    np.testing.assert_allclose(metrics["item_distill_kl_sum"], kl, rtol=1e-5)
+    np.testing.assert_allclose(loss, plain_loss + 2.0 * kl, rtol=1e-5)
+    # Trained on the distillation term alone (no item loss), the KL falls under Proj. The tiny
+    # random encoder's head is near uniform (KL ~0.18, most of it from the history items the
+    # teacher rules out): its query map x10 gives a peaked teacher, frozen under Proj.
+    head = params["user_encoder"]["heads_user_item_ids"]
+    params = {
+        **params,
+        "user_encoder": {
+            **params["user_encoder"],
+            "heads_user_item_ids": jax.tree_util.tree_map(lambda x: 10 * x, head),
+        },
+    }
+    only = UserLLMModel(
+        dataclasses.replace(
+            model.module,
+            integration=IntegrationConfig(
+                item_head=True, item_loss_weight=0.0, item_distill_weight=1.0
+            ),
+        ),
+        eos_id=1,
+    )
+    tx = strategies.masked_optimizer(optax.adam(3e-2), "proj")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(make_train_step(only, tx, optax.constant_schedule(3e-2), 1, False, "proj"))
+    kls = []
+    for _ in range(20):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        kls.append(float(m["item_distill_kl"]))
+    assert kls[-1] < 0.5 * kls[0], kls
+
+
 def test_item_head_reads_the_prompt_only_and_trains_under_proj():
     model, params, batch = _item_head_llm()
     scores = model.item_scores(params, batch)
@@ -798,6 +864,10 @@ def test_item_head_reads_the_prompt_only_and_trains_under_proj():
 def test_item_head_configs_that_cannot_work_are_named():
     with pytest.raises(ValueError, match="item_head needs the AR encoder"):
         IntegrationConfig(item_head=True, encoder_kind="dual")
+    with pytest.raises(ValueError, match="distils into the item head: set item_head"):
+        IntegrationConfig(item_distill_weight=1.0)
+    with pytest.raises(ValueError, match="item_distill_weight must be >= 0"):
+        IntegrationConfig(item_head=True, item_distill_weight=-1.0)
     with pytest.raises(ValueError, match="'user_ratings' has no next-value head"):
         _item_head_llm(item_feature="user_ratings")
     model, params, batch = _item_head_llm()

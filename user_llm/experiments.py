@@ -147,6 +147,14 @@ RECIPE_SWEEP = [  # in the order they were run
         bindings=RECIPE,
         steps=600,
     ),
+    # Row 14 closed ~4 of the 14 points to the encoder head with 4x the steps. The one-hot item
+    # loss names one item per example; the encoder head's whole next-item distribution says what
+    # the encoder knows about the user: distil it into the item head (through the context only).
+    Variant(
+        "recipe + item head distilled from the encoder head (Proj), both tasks",
+        files=ITEM_HEAD,
+        bindings=RECIPE + (("ITEM_DISTILL_WEIGHT", 1.0),),
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [

@@ -80,6 +80,13 @@ class IntegrationConfig:
     item_head: bool = False
     # Weight of the item head's cross entropy (one term per example) in the token-summed loss.
     item_loss_weight: float = 1.0
+    # > 0: also distil the encoder head into the item head: this weight times, per next-item
+    # example, KL(encoder head's next-item distribution || item head's), the teacher read from
+    # the encoder's last state with the history excluded and no gradient. Why: the one-hot item
+    # loss tells the LLM one item per example; the encoder head's distribution over ~9,700 items
+    # says what the encoder knows about this user, which is what the item head falls short of
+    # (results/phase2_recipe.md, row 15). The LLM still reaches it only through its context.
+    item_distill_weight: float = 0.0
     # > 0: add a learned embedding of each encoder state's distance from the user's last
     # interaction (0 = the last; farther ones share slot recency_positions - 1) before the
     # Perceiver and the projection; zero at initialization, so the model starts unchanged. Why:
@@ -108,6 +115,10 @@ class IntegrationConfig:
             )
         if self.item_loss_weight < 0:
             raise ValueError(f"item_loss_weight must be >= 0, got {self.item_loss_weight}")
+        if self.item_distill_weight < 0:
+            raise ValueError(f"item_distill_weight must be >= 0, got {self.item_distill_weight}")
+        if self.item_distill_weight and not self.item_head:
+            raise ValueError("item_distill_weight > 0 distils into the item head: set item_head")
         if self.recency_positions < 0:
             raise ValueError(f"recency_positions must be >= 0, got {self.recency_positions}")
         if self.recency_positions and self.encoder_kind != "ar":
@@ -355,6 +366,15 @@ class UserLLM(nn.Module):
         """
         query = self.item_head(hidden)
         return self.user_encoder.feature_logits(query, self.integration.item_feature)
+
+    def encoder_item_scores(self, user_features: Mapping[str, Array]) -> Array:
+        """[b, V] the encoder head's next-item scores after each history (``belief_scores``:
+        history, padding and OOV at ``-inf``), without gradient: the item head's teacher."""
+        hidden = self.user_encoder(user_features, True)
+        feature = self.integration.item_feature
+        return jax.lax.stop_gradient(
+            belief_scores(self.user_encoder, hidden, user_features, feature)
+        )
 
     def _soft_prompt(
         self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,

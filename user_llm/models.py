@@ -91,6 +91,18 @@ def cross_entropy_terms(
     return loss + z_term, jnp.sum(weights), metrics
 
 
+def distillation_kl(teacher_logits: Array, student_logits: Array, weights: Array) -> Array:
+    """Summed KL(softmax(teacher) || softmax(student)) over rows [b, V], weighted per row [b].
+
+    Teacher logits may be ``-inf`` (items the teacher rules out): those terms are 0.
+    """
+    log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(log_p)
+    terms = jnp.where(p > 0, p * (jnp.where(p > 0, log_p, 0.0) - log_q), 0.0)
+    return jnp.sum(jnp.sum(terms, axis=-1) * weights.astype(jnp.float32))
+
+
 def check_input_features(model: TrainableModel, available: Iterable[str], source: str) -> None:
     """Raises ``ConfigError`` naming the features ``model`` reads that ``source`` (a mixture or
     task, as the error should name it) does not give."""
@@ -562,7 +574,16 @@ class UserLLMModel(DecoderOnlyModel):
             "item_correct_sum": item_metrics["correct_sum"],
             "item_examples_sum": items,
         }
-        return loss + self.module.integration.item_loss_weight * item_loss, weight, metrics
+        integration = self.module.integration
+        loss = loss + integration.item_loss_weight * item_loss
+        if integration.item_distill_weight:
+            teacher = self.module.apply(
+                variables, user_features(batch), method="encoder_item_scores"
+            )
+            kl = distillation_kl(teacher, item_logits, (target >= FIRST_ITEM_ID) & has_loss)
+            metrics["item_distill_kl_sum"] = kl
+            loss = loss + integration.item_distill_weight * kl
+        return loss, weight, metrics
 
     def item_scores(self, params: Params, batch: Batch) -> Array:
         """[b, V] the item head's score of every item at each example's answer position

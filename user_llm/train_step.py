@@ -122,6 +122,8 @@ def make_train_step(
             items = jnp.maximum(metrics["item_examples_sum"], 1.0)
             out["item_cross_entropy"] = metrics["item_cross_entropy_sum"] / items
             out["item_accuracy"] = metrics["item_correct_sum"] / items
+            if "item_distill_kl_sum" in metrics:
+                out["item_distill_kl"] = metrics["item_distill_kl_sum"] / items
         if check_finite:  # read by the loop after every step: a non-finite state is never saved
             update_norm = optax.global_norm(trained_updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
