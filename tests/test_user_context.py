@@ -281,3 +281,49 @@ def test_linear_probe_reads_a_planted_class_and_pools_only_valid_context():
     context, mask = model.module.apply({"params": params}, users, method="encode_user")
     want = np.asarray(context)[1][np.asarray(mask)[1]].mean(0)  # row 1 has 3 valid positions
     np.testing.assert_allclose(pooled[1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_recency_bias_puts_the_first_head_on_the_last_state_and_changes_nothing_at_gate_zero():
+    """``cross_attention_recency_bias``: head 0 (slope 4) gives ~98% of its weight to each
+    row's last valid state; the last head (slope 1/64) stays near uniform; with the gates at 0
+    the model still equals the bias-free one, and opened, the bias changes what the LLM reads."""
+    from user_llm.decoder import recency_bias, recency_slopes
+    from user_llm.layers import attention_weights
+
+    slopes = recency_slopes(4)
+    np.testing.assert_allclose(slopes, 4.0 * 256.0 ** -(np.arange(4) / 3), rtol=1e-6)  # 4 .. 1/64
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)
+    bias = recency_bias(mask, 4)
+    np.testing.assert_allclose(bias[1, 0], [-8.0, -4.0, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(bias[0, 3], -np.arange(5, -1, -1) / 64, rtol=1e-6)
+    # Equal queries and keys (no content preference): the weights are the prior alone.
+    q = jnp.zeros((2, 1, 4, 8))
+    k = jnp.zeros((2, 6, 2, 8))  # grouped query: 2 KV heads, 2 query heads each
+    w = attention_weights(q, k, mask[:, None, :], bias)  # [b, kv, groups, q, k]
+    first, last = w[:, 0, 0, 0], w[:, 1, 1, 0]
+    assert float(first[0, 5]) > 0.98 and float(first[1, 2]) > 0.98
+    assert float(first[1, 3:].sum()) == 0.0  # padding stays masked
+    assert float(last[0].max() - last[0].min()) < 0.02
+
+    model, variables, batch = build("xattn_ar_early")
+    cfg = dataclasses.replace(model.module.decoder_config, cross_attention_recency_bias=True)
+    biased = UserLLMModel(UserLLM(cfg, model.module.encoder_config, model.module.integration))
+    params = nn.unbox(variables)["params"]
+    tokens = batch["decoder_input_tokens"]
+
+    def logits(m, p):
+        return m.module.apply({"params": p}, tokens, user_features=user_batch())
+
+    np.testing.assert_array_equal(logits(biased, params), logits(model, params))
+    opened = _open_gates(params, 0.5)
+    assert not np.allclose(logits(biased, opened), logits(model, opened), atol=1e-5)
+
+
+def test_recency_bias_refuses_contexts_that_are_not_a_history():
+    model, variables, batch = build("xattn_ar_late_perceiver")
+    cfg = dataclasses.replace(model.module.decoder_config, cross_attention_recency_bias=True)
+    module = UserLLM(cfg, model.module.encoder_config, model.module.integration)
+    with pytest.raises(ValueError, match="needs the AR encoder's states alone"):
+        module.init(
+            jax.random.PRNGKey(0), batch["decoder_input_tokens"], user_features=user_batch()
+        )

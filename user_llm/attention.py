@@ -54,7 +54,9 @@ class Attention(nn.Module):
         kv_input: Array | None = None,
         decode: bool = False,
         cache_index: Array | None = None,
+        key_bias: Array | None = None,
     ) -> Array:
+        """``key_bias`` [b, heads, k]: added to every query's attention logits."""
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -92,9 +94,10 @@ class Attention(nn.Module):
         if decode:
             k, v = self._update_cache(k, v, cache_index)
 
-        out = dot_product_attention(q, k, v, mask, self.dtype)
+        out = dot_product_attention(q, k, v, mask, self.dtype, key_bias)
         if self.sow_entropy and self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "attention_entropy", normalized_entropy(q, k, mask))
+            entropy = normalized_entropy(q, k, mask, key_bias)
+            self.sow("intermediates", "attention_entropy", entropy)
         out = constrain(out, BATCH_LENGTH_HEADS_KV)
         return DenseGeneral(
             (x.shape[-1],),
@@ -127,10 +130,12 @@ class Attention(nn.Module):
         return cached_key.value.astype(self.dtype), cached_value.value.astype(self.dtype)
 
 
-def normalized_entropy(q: Array, k: Array, mask: Array | None) -> Array:
+def normalized_entropy(
+    q: Array, k: Array, mask: Array | None, key_bias: Array | None = None
+) -> Array:
     """Mean attention entropy over heads and queries, divided by log(number of attended keys):
     1 = uniform over the keys, 0 = all weight on one key."""
-    w = attention_weights(q, k, mask)
+    w = attention_weights(q, k, mask, key_bias)
     entropy = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.maximum(w, 1e-30)), 0.0), axis=-1)
     keys = jnp.ones(w.shape[:1] + w.shape[-2:], bool) if mask is None else mask
     num_keys = jnp.sum(jnp.broadcast_to(keys, (w.shape[0],) + w.shape[-2:]), axis=-1)

@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from user_llm.attention import Attention
 from user_llm.layers import (
@@ -32,6 +33,7 @@ from user_llm.layers import (
     GatedMLP,
     RMSNorm,
     constrain,
+    distance_from_last,
 )
 
 REMAT_POLICIES = {
@@ -89,6 +91,14 @@ class DecoderConfig:
     # ratio. A pretrained LLM's residual stream is far larger than a fresh block's output
     # (SmolLM2-135M: 10-100x in its upper layers), which otherwise leaves the block unheard.
     cross_attention_residual_scale: bool = False
+    # True: a fixed recency prior in every cross-attention block. The context is read as a
+    # history, oldest first and right-padded (its mask's valid slots first); head h adds
+    # -slope_h * (distance of each slot from the last valid one) to its logits, with slopes
+    # geometric from 4 (head 0: ~98% of its weight on the last state) to 1/64 (the last head:
+    # near uniform over 50). Why: the keys carry no position, so without it a block can tell the
+    # last state, the one that predicts the next item, from the others only by content
+    # (results/phase2_recipe.md, row 16). Parameter-free: it needs no training to be used.
+    cross_attention_recency_bias: bool = False
     # LoRA adapters on every attention and MLP projection of the decoder (0: none).
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -125,6 +135,11 @@ class GatedCrossAttention(nn.Module):
         dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
         h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name="pre_cross_attention_norm")(x)
         mask = None if context_mask is None else context_mask[:, None, :].astype(bool)
+        key_bias = None
+        if cfg.cross_attention_recency_bias:
+            if context_mask is None:
+                raise ValueError("cross_attention_recency_bias needs the context mask")
+            key_bias = recency_bias(context_mask, cfg.num_heads)
         h = Attention(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
@@ -133,7 +148,7 @@ class GatedCrossAttention(nn.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             name="cross_attention",
-        )(h, mask, kv_input=context.astype(dtype))
+        )(h, mask, kv_input=context.astype(dtype), key_bias=key_bias)
         gate = self.param(
             "gate",
             nn.with_logical_partitioning(
@@ -152,6 +167,21 @@ class GatedCrossAttention(nn.Module):
         # the residual stream, ||update|| / ||x|| per token, averaged.
         self.sow("intermediates", "update_to_residual", _mean_norm_ratio(update, x))
         return x + update
+
+
+def recency_slopes(num_heads: int) -> np.ndarray:
+    """[heads] geometric slopes from 4 down to 1/64 (``cross_attention_recency_bias``)."""
+    if num_heads == 1:
+        return np.asarray([4.0], np.float32)
+    return np.geomspace(4.0, 1 / 64, num_heads).astype(np.float32)
+
+
+def recency_bias(context_mask: Array, num_heads: int) -> Array:
+    """[b, heads, n]: -slope_h times each context slot's distance from its row's last valid
+    slot (slots after it, padding, read distance 0 and are masked anyway)."""
+    distance = distance_from_last(context_mask)
+    slopes = jnp.asarray(recency_slopes(num_heads))
+    return -slopes[None, :, None] * distance[:, None, :].astype(jnp.float32)
 
 
 def _rms(x: Array) -> Array:

@@ -155,6 +155,15 @@ RECIPE_SWEEP = [  # in the order they were run
         files=ITEM_HEAD,
         bindings=RECIPE + (("ITEM_DISTILL_WEIGHT", 1.0),),
     ),
+    # Rows 14-15 close 3-4 of the 14 points. The item head ranks the full catalogue like the
+    # mean of the encoder states, not like its last one: the keys carry no position, and row
+    # 12's learned recency embedding was not picked up in 150 steps. A fixed recency prior in
+    # the cross-attention logits lets some heads read the last state from step 0.
+    Variant(
+        "recipe + item head + cross-attention recency bias (Proj), both tasks",
+        files=ITEM_HEAD + ("models/integration/recency_bias.gin",),
+        bindings=RECIPE,
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [

@@ -39,13 +39,12 @@ import jax
 import jax.numpy as jnp
 
 from user_llm.decoder import Decoder, DecoderConfig
-from user_llm.layers import Array, DenseGeneral, Embed
+from user_llm.layers import Array, DenseGeneral, Embed, distance_from_last
 from user_llm.perceiver import PerceiverConfig, PerceiverResampler
 from user_llm.user_encoder import (
     DualEncoder,
     UserEncoder,
     UserEncoderConfig,
-    last_index,
     last_position,
     load_item_text_table,
 )
@@ -131,8 +130,7 @@ class IntegrationConfig:
 def recency_distance(mask: Array, num_positions: int) -> Array:
     """[b, L] int32: each position's distance from its row's last valid one (right-padded
     histories), clipped to [0, num_positions - 1]; padding after the last reads 0."""
-    distance = last_index(mask)[:, None] - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :]
-    return jnp.clip(distance, 0, num_positions - 1)
+    return jnp.minimum(distance_from_last(mask), num_positions - 1)
 
 
 def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
@@ -224,6 +222,13 @@ class UserLLM(nn.Module):
             )
         if cfg.mode == "soft_prompt" and self.decoder_config.cross_attention_layers:
             raise ValueError("mode='soft_prompt' takes no cross_attention_layers in the decoder")
+        if self.decoder_config.cross_attention_recency_bias and (
+            cfg.encoder_kind != "ar" or cfg.use_perceiver or cfg.belief_top_k
+        ):
+            raise ValueError(
+                "cross_attention_recency_bias reads the context as a history (oldest first): it "
+                "needs the AR encoder's states alone, without the Perceiver or belief tokens"
+            )
         if cfg.encoder_kind == "ar":
             self.user_encoder = UserEncoder(self.encoder_config)
         else:

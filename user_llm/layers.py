@@ -174,31 +174,56 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
     return out.astype(x.dtype)
 
 
+def distance_from_last(mask: Array) -> Array:
+    """[b, L] int32: each position's distance from its row's last valid one (valid positions
+    first, then padding, which reads 0)."""
+    valid = jnp.sum(mask.astype(jnp.int32), axis=1)
+    last = jnp.maximum(valid - 1, 0)
+    return jnp.maximum(last[:, None] - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :], 0)
+
+
 def dot_product_attention(
-    query: Array, key: Array, value: Array, mask: Array | None, dtype: DType
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None,
+    dtype: DType,
+    key_bias: Array | None = None,
 ) -> Array:
     """Grouped-query attention; softmax in float32. Long sequences go to the memory-efficient
     ``blocked_attention`` (same result; rows with no key to attend give zeros there).
 
     query: [b, q, heads, d]; key/value: [b, k, kv_heads, d]; mask: broadcastable to [b, q, k]
-    (True = attend). heads must be a multiple of kv_heads.
+    (True = attend). heads must be a multiple of kv_heads. key_bias: [b, heads, k], added to
+    every query's logits (cross-attention's recency prior; not for blocked attention).
     """
     b, q_len, num_heads, head_dim = query.shape
     if q_len * key.shape[1] >= blocked_attention.MIN_BLOCKED_PAIRS:  # long prompts
+        if key_bias is not None:
+            raise ValueError(
+                f"key_bias is not supported by blocked attention ({q_len} x {key.shape[1]} "
+                "query-key pairs)"
+            )
         return blocked_attention.blocked_attention(query, key, value, mask, dtype)
-    weights = attention_weights(query, key, mask).astype(dtype)
+    weights = attention_weights(query, key, mask, key_bias).astype(dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
     return out.reshape(b, q_len, num_heads, head_dim)
 
 
-def attention_weights(query: Array, key: Array, mask: Array | None) -> Array:
+def attention_weights(
+    query: Array, key: Array, mask: Array | None, key_bias: Array | None = None
+) -> Array:
     """Softmax weights [b, kv_heads, groups, q, k] in float32 (shapes as in
     ``dot_product_attention``)."""
     b, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
-    query = query.reshape(b, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    groups = num_heads // num_kv_heads
+    query = query.reshape(b, q_len, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", query, key).astype(jnp.float32)
     logits = logits / np.sqrt(head_dim).astype(np.float32)
+    if key_bias is not None:  # [b, heads, k], heads in (kv_head, group) order as the query's
+        bias = key_bias.astype(jnp.float32).reshape(b, num_kv_heads, groups, 1, key.shape[1])
+        logits = logits + bias
     if mask is not None:
         big_neg = jnp.finfo(jnp.float32).min
         logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
