@@ -85,6 +85,15 @@ RECENCY = ("models/integration/recency.gin",)
 XATTN = Variant(
     "User-LLM, cross-attention + item head (Proj, recipe)", files=ITEM_HEAD, bindings=RECIPE
 )
+
+
+def item_head_row(
+    name: str, *bindings: tuple[str, Any], files: tuple[str, ...] = (), steps: int | None = None
+) -> Variant:
+    """A sweep row: the recipe plus the item head (row 11), plus ``files`` and ``bindings``."""
+    return Variant(name, files=ITEM_HEAD + files, bindings=RECIPE + bindings, steps=steps)
+
+
 RECIPE_SWEEP = [  # in the order they were run
     Variant("earlier recipe (lr 1e-3, gates 0, Perceiver)"),
     Variant("no Perceiver", bindings=(("USE_PERCEIVER", False),)),
@@ -123,46 +132,31 @@ RECIPE_SWEEP = [  # in the order they were run
     ),
     Variant("AR encoder head", kind="encoder"),
     # Row 9 on next movie + favourite genre at the main job's 150 steps: the main job's system.
-    Variant("recipe + item head (Proj), both tasks", files=ITEM_HEAD, bindings=RECIPE),
+    item_head_row("recipe + item head (Proj), both tasks"),
     # Row 11's item head ranks like the mean of the encoder states, not like the last one: the
     # cross-attention keys carry no position. Mark each state's distance from the last.
-    Variant(
-        "recipe + item head + recency embedding (Proj), both tasks",
-        files=ITEM_HEAD + RECENCY,
-        bindings=RECIPE,
-    ),
+    item_head_row("recipe + item head + recency embedding (Proj), both tasks", files=RECENCY),
     # Row 12 did not help (its recency table learned no marker of the last state). Row 9 came
     # within the intervals of the encoder head with ~6x row 11's item-loss updates (next item
     # only, 450 steps): weight the item loss 4x at the main job's budget instead.
-    Variant(
-        "recipe + item head, item loss x4 (Proj), both tasks",
-        files=ITEM_HEAD,
-        bindings=RECIPE + (("ITEM_LOSS_WEIGHT", 4.0),),
-    ),
+    item_head_row("recipe + item head, item loss x4 (Proj), both tasks", ("ITEM_LOSS_WEIGHT", 4.0)),
     # Rows 12-13 did not close the gap; row 9's smaller gap came with 3x the steps. Row 11's
     # system, trained 4x longer: is the item head short of the encoder head for want of updates?
-    Variant(
-        "recipe + item head (Proj), both tasks, 600 steps",
-        files=ITEM_HEAD,
-        bindings=RECIPE,
-        steps=600,
-    ),
+    item_head_row("recipe + item head (Proj), both tasks, 600 steps", steps=600),
     # Row 14 closed ~4 of the 14 points to the encoder head with 4x the steps. The one-hot item
     # loss names one item per example; the encoder head's whole next-item distribution says what
     # the encoder knows about the user: distil it into the item head (through the context only).
-    Variant(
+    item_head_row(
         "recipe + item head distilled from the encoder head (Proj), both tasks",
-        files=ITEM_HEAD,
-        bindings=RECIPE + (("ITEM_DISTILL_WEIGHT", 1.0),),
+        ("ITEM_DISTILL_WEIGHT", 1.0),
     ),
     # Rows 14-15 close 3-4 of the 14 points. The item head ranks the full catalogue like the
     # mean of the encoder states, not like its last one: the keys carry no position, and row
     # 12's learned recency embedding was not picked up in 150 steps. A fixed recency prior in
     # the cross-attention logits lets some heads read the last state from step 0.
-    Variant(
+    item_head_row(
         "recipe + item head + cross-attention recency bias (Proj), both tasks",
-        files=ITEM_HEAD + ("models/integration/recency_bias.gin",),
-        bindings=RECIPE,
+        files=("models/integration/recency_bias.gin",),
     ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
