@@ -171,8 +171,6 @@ class GatedCrossAttention(nn.Module):
 
 def recency_slopes(num_heads: int) -> np.ndarray:
     """[heads] geometric slopes from 4 down to 1/64 (``cross_attention_recency_bias``)."""
-    if num_heads == 1:
-        return np.asarray([4.0], np.float32)
     return np.geomspace(4.0, 1 / 64, num_heads).astype(np.float32)
 
 

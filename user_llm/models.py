@@ -565,9 +565,8 @@ class UserLLMModel(DecoderOnlyModel):
         item_logits = self.module.apply(variables, hidden[:, 0], method="item_logits")
         target = item_targets(batch)
         has_loss = jnp.any(batch["decoder_loss_weights"] > 0, axis=1)
-        item_loss, items, item_metrics = cross_entropy_terms(
-            item_logits, target, (target >= FIRST_ITEM_ID) & has_loss
-        )
+        has_item = (target >= FIRST_ITEM_ID) & has_loss
+        item_loss, items, item_metrics = cross_entropy_terms(item_logits, target, has_item)
         metrics = {
             **metrics,
             "item_cross_entropy_sum": item_metrics["cross_entropy_sum"],
@@ -580,7 +579,7 @@ class UserLLMModel(DecoderOnlyModel):
             teacher = self.module.apply(
                 variables, user_features(batch), method="encoder_item_scores"
             )
-            kl = distillation_kl(teacher, item_logits, (target >= FIRST_ITEM_ID) & has_loss)
+            kl = distillation_kl(teacher, item_logits, has_item)
             metrics["item_distill_kl_sum"] = kl
             loss = loss + integration.item_distill_weight * kl
         return loss, weight, metrics
