@@ -202,3 +202,38 @@ def test_real_data_shapes(ml_small):
     covered = train["history_length"].sum() + len(train["history_length"])
     assert covered >= len(inter) - 2 * 610
     assert (h.splits["test"]["target_title"] != "").all()
+
+
+def test_shards_of_users_give_the_whole_builds_examples_and_candidates(ml_small):
+    """The per-user pass on shards of users (what the TFDS Beam builders run per worker) gives
+    exactly the examples, negatives and candidate sets of the one-machine build, user for user."""
+    from user_llm.data import features as F
+    from user_llm.data.histories import global_pass, histories_from_tables
+
+    interactions, items = ml_small
+    config = HistoryConfig(max_history_length=20, train_stride=7)
+    tables = global_pass(interactions, items, config)
+    whole = histories_from_tables(tables)
+    bounds = [0, 1, 100, 101, 350, tables.num_users]  # a one-user shard, uneven sizes
+    ranges = zip(bounds[:-1], bounds[1:], strict=True)
+    shards = [histories_from_tables(tables.users(lo, hi)) for lo, hi in ranges]
+    for split, want in whole.splits.items():
+        for key, value in want.items():
+            got = np.concatenate([s.splits[split][key] for s in shards])
+            np.testing.assert_array_equal(got, value, err_msg=f"{split} {key}")
+        rows = np.concatenate([s.target_rows[split] for s in shards])
+        np.testing.assert_array_equal(rows, whole.target_rows[split])
+    assert shards[2].first_user == 100 and shards[2].items_of_user(100).tolist() == (
+        whole.items_of_user(100).tolist()
+    )
+    for sampling in F.NEGATIVE_SAMPLINGS:
+        negatives = F.user_negatives(whole, sampling=sampling)
+        parts = [F.user_negatives(s, sampling=sampling) for s in shards]
+        np.testing.assert_array_equal(np.concatenate(parts), negatives)
+        want = F.candidate_sets(whole, whole.splits["test"], negatives)
+        for key, value in want.items():
+            pairs = zip(shards, parts, strict=True)
+            got = [F.candidate_sets(s, s.splits["test"], n)[key] for s, n in pairs]
+            np.testing.assert_array_equal(np.concatenate(got), value, err_msg=key)
+    with pytest.raises(ValueError, match="not a non-empty range"):
+        tables.users(5, 5)

@@ -116,3 +116,46 @@ def test_amazon_sample_builds_and_reads_as_the_reader_tasks(tmp_path):
         for a, b in zip(want, got, strict=True):
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k], err_msg=f"{task} {k}")
+
+
+def test_beam_build_in_shards_equals_the_one_machine_build(built, tmp_path):
+    """The Beam path (the large releases' builders), run by the DirectRunner on ml-latest-small
+    cut into shards of 128 users: every split holds the one-machine build's examples, in its
+    order, with the same metadata."""
+    import tensorflow_datasets as tfds
+
+    from user_llm.data import tfds_builders
+
+    one_machine, _ = built
+    config = tfds_builders.HistoriesConfig(
+        name=f"ml-latest-small_h{LENGTH}_beam", source="ml-latest-small", history_length=LENGTH,
+        beam=True, users_per_shard=128,
+    )  # fmt: skip
+    builder = tfds_builders.UserLlmMovielens(config=config, data_dir=tmp_path / "data")
+    (tmp_path / "manual").mkdir()
+    download = tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual"))
+    builder.download_and_prepare(download_dir=tmp_path / "downloads", download_config=download)
+    shards = list((tmp_path / "downloads").rglob("shard_*.pkl"))
+    assert len(shards) == 5, shards  # 610 users
+    assert dict(builder.info.metadata) == dict(one_machine.info.metadata)
+    for split in ("train", "validation", "test"):
+        want = one_machine.as_dataset(split=split).as_numpy_iterator()
+        got = list(builder.as_dataset(split=split).as_numpy_iterator())
+        assert len(got) == one_machine.info.splits[split].num_examples > 600, split
+        for a, b in zip(want, got, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {k}")
+
+
+def test_large_releases_build_with_beam_and_name_the_install_without_it(monkeypatch):
+    import sys
+
+    from user_llm.data import tfds_builders
+
+    configs = {c.name: c for c in tfds_builders.UserLlmMovielens.BUILDER_CONFIGS}
+    assert configs["ml-25m_h50"].beam and not configs["ml-latest-small_h50"].beam
+    assert all(c.beam for c in tfds_builders.UserLlmAmazonReviews.BUILDER_CONFIGS)
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"ml-25m_h50 builds with Apache Beam.*\[beam\]"):
+        tfds_builders._require_beam("user_llm_movielens/ml-25m_h50")

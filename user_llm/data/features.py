@@ -126,7 +126,7 @@ def user_negatives(
     max_rounds: int = 12,
     sampling: str = "uniform",
 ) -> np.ndarray:
-    """[num_users, num_negatives] item_index never interacted with by the user (-1: too few).
+    """[users of h, num_negatives] item_index never interacted with by the user (-1: too few).
 
     ``sampling``: "uniform" over the pool, or "popularity" (probability proportional to the
     item's training interactions). Vectorized rejection sampling: each round draws a block of
@@ -149,7 +149,8 @@ def user_negatives(
     lengths = np.diff(h.user_offsets)
     owner = np.repeat(np.arange(num_users, dtype=np.int64), lengths)
     seen = np.unique(owner * n_items + h.user_items.astype(np.int64))
-    base = _user_key(np.arange(num_users), seed)
+    # Keyed by user_index, so a shard of users (``h.first_user``) draws what the whole does.
+    base = _user_key(h.first_user + np.arange(num_users), seed)
     found = np.zeros(num_users, dtype=np.int64)
     todo = np.arange(num_users)
     draws = 2 * num_negatives + 8
@@ -200,7 +201,7 @@ def candidate_sets(
     ``candidate_item_ids`` (encoder vocabulary ids, PAD for none) and ``candidate_label``,
     each name preceded by ``prefix``."""
     users = np.asarray(split["user_index"], dtype=np.int64)
-    neg = negatives[users]
+    neg = negatives[users - h.first_user]
     e, n = neg.shape
     label = (_mix(_user_key(users, seed) ^ np.uint64(0x5EED)) % np.uint64(n + 1)).astype(np.int64)
     slots = np.arange(n + 1)[None, :]

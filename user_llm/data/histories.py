@@ -106,6 +106,9 @@ class Histories:
     # split -> each example's target row in the input ``interactions`` table (e.g. to fetch the
     # review text for review generation). Depends on the input row order, unlike ``splits``.
     target_rows: dict[str, np.ndarray] | None = None
+    # The user_index of user_offsets' first user: 0, or a shard's first user
+    # (``HistoryTables.users``); user_ids stays indexed by user_index.
+    first_user: int = 0
 
     def vocabulary_titles(self) -> np.ndarray:
         """Titles by item-vocabulary id (what ``user_item_ids`` holds); "" for pad and OOV."""
@@ -115,7 +118,8 @@ class Histories:
 
     def items_of_user(self, user_index: int) -> np.ndarray:
         """item_index of every interaction of ``user_index``, oldest first."""
-        lo, hi = self.user_offsets[user_index], self.user_offsets[user_index + 1]
+        u = user_index - self.first_user
+        lo, hi = self.user_offsets[u], self.user_offsets[u + 1]
         return self.user_items[lo:hi]
 
 
@@ -156,6 +160,24 @@ class _Rows:
     start: np.ndarray  # user_index -> its first row
     length: np.ndarray  # user_index -> its number of rows
     position: np.ndarray  # row -> position in its user's history (int32; 0 = oldest)
+    # The user_index of ``user`` 0: a shard of users (``HistoryTables.users``) numbers its users
+    # from 0 and adds this back wherever a user_index is written out.
+    first_user: int = 0
+
+    def users(self, lo: int, hi: int) -> _Rows:
+        """Users [lo, hi) of these rows (local numbering), their rows only."""
+        r0, r1 = int(self.start[lo]), int(self.start[hi - 1] + self.length[hi - 1])
+        return _Rows(
+            order=self.order[r0:r1],
+            user=self.user[r0:r1] - np.int32(lo),
+            item=self.item[r0:r1],
+            timestamp=self.timestamp[r0:r1],
+            rating=self.rating[r0:r1],
+            start=self.start[lo:hi] - r0,
+            length=self.length[lo:hi],
+            position=self.position[r0:r1],
+            first_user=self.first_user + lo,
+        )
 
 
 @dataclasses.dataclass
@@ -168,6 +190,12 @@ class _Categories:
     offsets: np.ndarray  # [num_rows + 1] int64
     codes: np.ndarray  # flat category codes, indexing ``names``
     names: np.ndarray  # distinct category names, sorted: a smaller code is the earlier name
+
+    def rows(self, r0: int, r1: int) -> _Categories:
+        """The categories of rows [r0, r1)."""
+        lo, hi = int(self.offsets[r0]), int(self.offsets[r1])
+        offsets = self.offsets[r0 : r1 + 1] - lo
+        return _Categories(offsets=offsets, codes=self.codes[lo:hi], names=self.names)
 
 
 # How a key of the example dicts is read (``_Feature.read``).
@@ -218,10 +246,52 @@ _FEATURES = (
 )
 
 
-def build_histories(
+@dataclasses.dataclass
+class HistoryTables:
+    """What the global pass over every interaction gives the per-user pass.
+
+    Item, user and category codes, the kept rows in user and time order, and the training
+    vocabularies each need every interaction; once they exist, a user's examples need only
+    that user's rows and these tables. So ``users(lo, hi)`` cuts the tables to a shard of users
+    and ``histories_from_tables`` builds the shard's examples, equal to the same users' examples
+    of the whole (tested): the TFDS Beam builders run the per-user pass per shard.
+    """
+
+    config: HistoryConfig
+    rows: _Rows
+    categories: _Categories
+    vocabularies: dict[str, Vocabulary]
+    item_to_id: np.ndarray  # item_index -> item vocabulary id
+    genre_to_id: np.ndarray  # category code -> genre vocabulary id
+    user_ids: np.ndarray  # user_index -> user_id (every kept user, also in a shard)
+    item_ids: np.ndarray
+    item_titles: np.ndarray
+    num_users_dropped: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.rows.length)
+
+    def examples_per_user(self, split: str) -> np.ndarray:
+        """[num_users] how many examples of ``split`` each user gives."""
+        stride = self.config.train_stride or self.config.max_history_length
+        target = _example_targets(self.rows, stride)[split]
+        return np.bincount(self.rows.user[target], minlength=self.num_users)
+
+    def users(self, lo: int, hi: int) -> HistoryTables:
+        """The tables of users [lo, hi) of these tables (local indices), with their rows only."""
+        if not 0 <= lo < hi <= self.num_users:
+            raise ValueError(f"users [{lo}, {hi}) is not a non-empty range of {self.num_users}")
+        rows = self.rows.users(lo, hi)
+        r0 = int(self.rows.start[lo])
+        categories = self.categories.rows(r0, r0 + len(rows.order))
+        return dataclasses.replace(self, rows=rows, categories=categories)
+
+
+def global_pass(
     interactions: pd.DataFrame, items: pd.DataFrame, config: HistoryConfig | None = None
-) -> Histories:
-    """Splits every user's chronological history into train / validation / test examples."""
+) -> HistoryTables:
+    """Codes, row order and training vocabularies: everything that reads every interaction."""
     config = config or HistoryConfig()
     item_codes, item_ids, item_titles = _code_items(interactions, items)
     rows, user_ids, num_dropped = _order_rows(interactions, item_codes, config.min_interactions)
@@ -230,26 +300,47 @@ def build_histories(
     vocabularies, item_to_id, genre_to_id = _training_vocabularies(
         rows, categories, item_ids, config.min_item_count
     )
-    row_features = _row_features(rows, categories, vocabularies, item_to_id, genre_to_id, config)
+    return HistoryTables(
+        config, rows, categories, vocabularies, item_to_id, genre_to_id, user_ids, item_ids,
+        item_titles, num_dropped,
+    )  # fmt: skip
+
+
+def histories_from_tables(t: HistoryTables, splits: tuple[str, ...] = SPLITS) -> Histories:
+    """The per-user pass: the examples of ``splits`` for every user of ``t`` (all, or a shard)."""
+    rows, config = t.rows, t.config
+    row_features = _row_features(
+        rows, t.categories, t.vocabularies, t.item_to_id, t.genre_to_id, config
+    )
     stride = config.train_stride or config.max_history_length
-    splits, target_rows = {}, {}
+    examples, target_rows = {}, {}
     for name, target in _example_targets(rows, stride).items():
-        splits[name] = _split_examples(
-            target, rows, row_features, categories, genre_to_id, item_titles, config
+        if name not in splits:
+            continue
+        examples[name] = _split_examples(
+            target, rows, row_features, t.categories, t.genre_to_id, t.item_titles, config
         )
         target_rows[name] = rows.order[target].astype(np.int64)
     return Histories(
         config=config,
-        splits=splits,
-        vocabularies=vocabularies,
-        user_ids=user_ids,
-        item_ids=item_ids,
-        item_titles=item_titles,
-        num_users_dropped=num_dropped,
+        splits=examples,
+        vocabularies=t.vocabularies,
+        user_ids=t.user_ids,
+        item_ids=t.item_ids,
+        item_titles=t.item_titles,
+        num_users_dropped=t.num_users_dropped,
         user_offsets=np.concatenate([[0], np.cumsum(rows.length)]).astype(np.int64),
         user_items=rows.item.astype(np.int32),
         target_rows=target_rows,
+        first_user=rows.first_user,
     )
+
+
+def build_histories(
+    interactions: pd.DataFrame, items: pd.DataFrame, config: HistoryConfig | None = None
+) -> Histories:
+    """Splits every user's chronological history into train / validation / test examples."""
+    return histories_from_tables(global_pass(interactions, items, config))
 
 
 def _code_items(
@@ -385,7 +476,7 @@ def _row_features(
         len(rows.order), categories, genre_to_id, vocabularies["genre"].size, config.max_categories
     )
     return {
-        "user": rows.user,
+        "user": rows.user + np.int32(rows.first_user),
         "position": rows.position,
         "item_index": rows.item,
         "item_id": item_to_id[rows.item],

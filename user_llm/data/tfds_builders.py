@@ -23,23 +23,39 @@ Offline: the official files are read from the manual folder (``--manual_dir``), 
 Reading: ``seqio.TfdsDataSource`` through the ``*_tfds`` tasks of ``tasks/tfds_tasks.py``,
 which give the same examples as the reader-backed tasks (tested).
 
-Large releases (ml-25m, full Amazon categories) are built the same way, in memory on one
-machine (as training reads them); TFDS's Apache Beam path is not used yet.
+Large releases (``ml-20m``, ``ml-25m``, ``ml-latest``, every Amazon and Google Local config)
+build with TFDS's Apache Beam support, in two passes:
+
+1. the global pass, on the machine that runs ``tfds build``: read the files, code items and
+   users, order the rows, count the training vocabularies (``histories.global_pass``: linear in
+   the interactions, vectorized); it writes the tables once and the rows of each shard of
+   ``users_per_shard`` users to the download folder;
+2. the per-user pass, as Beam work over the shards: windows, targets, favourite genres,
+   negatives and candidate sets (``histories_from_tables`` on each shard), encoding and
+   writing. Its output is up to history-length times its input; it is what a runner
+   (``--beam_pipeline_options=runner=DataflowRunner,...``; the DirectRunner by default)
+   spreads over machines. The examples, their order (integer keys: the one-machine order) and
+   the metadata equal the one-machine build's (tested).
+
+Beam configs need the ``beam`` extra (the README's "Preprocessing at scale").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from user_llm.data import features as F
-from user_llm.data.histories import SPLITS, HistoryConfig
+from user_llm.data.histories import SPLITS, Histories, HistoryConfig, HistoryTables
 from user_llm.data.readers.download import MOVIELENS_MD5
-from user_llm.data.task_data import TaskData, build_task_data
+from user_llm.data.task_data import TaskData, read_tables, task_data_from_tables
 
 VERSION = tfds.core.Version("1.0.0")
 RELEASE_NOTES = {"1.0.0": "First release: history windows with targets and candidate sets."}
@@ -79,6 +95,9 @@ class HistoriesConfig(tfds.core.BuilderConfig):
     source: str = ""
     history_length: int = 50
     max_categories: int = HistoryConfig().max_categories
+    # Build with Apache Beam: the per-user pass runs per shard of ``users_per_shard`` users.
+    beam: bool = False
+    users_per_shard: int = 10_000
 
     def history_config(self) -> HistoryConfig:
         return HistoryConfig(
@@ -86,13 +105,15 @@ class HistoriesConfig(tfds.core.BuilderConfig):
         )
 
 
-def _configs(sources: tuple[str, ...]) -> list[HistoriesConfig]:
+def _configs(sources: tuple[str, ...], beam: tuple[str, ...] = ()) -> list[HistoriesConfig]:
+    """Every source at every history length; those in ``beam`` build with Apache Beam."""
     return [
         HistoriesConfig(
             name=f"{source}_h{length}",
             description=f"{source}, history windows of up to {length} interactions",
             source=source,
             history_length=length,
+            beam=source in beam,
         )
         for source in sources
         for length in HISTORY_LENGTHS
@@ -135,9 +156,8 @@ def split_examples(data: TaskData, split: str) -> dict[str, np.ndarray]:
     return out
 
 
-def catalogue(data: TaskData) -> dict[str, Any]:
+def catalogue(h: Histories | HistoryTables) -> dict[str, Any]:
     """The dataset metadata: what reads example ids back (titles, genre names, sizes)."""
-    h = data.histories
     return {
         "item_ids": [str(x) for x in h.item_ids],
         "item_titles": [str(x) for x in h.item_titles],
@@ -166,7 +186,8 @@ class _HistoriesBuilder(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _task_data(self, manual_dir: Path | None) -> TaskData:
+    def _read(self, manual_dir: Path | None) -> tuple[HistoryTables, np.ndarray]:
+        """The global pass over the release's files: (tables, review text of every row)."""
         c = self.builder_config
         if manual_dir is None:
             raise FileNotFoundError(
@@ -174,33 +195,102 @@ class _HistoriesBuilder(tfds.core.GeneratorBasedBuilder):
                 + self.MANUAL_DOWNLOAD_INSTRUCTIONS
             )
         kw = {self.SOURCE_KW: [c.source]} if self.SOURCE_KW and c.source != "all" else {}
-        return build_task_data(self.DATASET, str(manual_dir), c.history_config(), **kw)
+        return read_tables(self.DATASET, str(manual_dir), c.history_config(), **kw)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        c = self.builder_config
+        if c.beam:
+            _require_beam(f"{self.name}/{c.name}")
         try:
             manual_dir = Path(dl_manager.manual_dir)
         except AssertionError:  # TFDS's check: none given, or an empty folder
             manual_dir = None
-        data = self._task_data(manual_dir)
-        self.info.metadata.update(catalogue(data))
-        return {s: self._generate_examples(split_examples(data, s)) for s in SPLITS}
+        tables, reviews = self._read(manual_dir)
+        self.info.metadata.update(catalogue(tables))
+        if not c.beam:
+            data = task_data_from_tables(tables, reviews)
+            return {s: self._generate_examples(split_examples(data, s)) for s in SPLITS}
+        folder = epath.Path(dl_manager.download_dir) / "user_llm_shards" / self.name / c.name
+        shards = write_shards(tables, reviews, folder, c.users_per_shard)
+        return {s: _beam_examples(shards, s) for s in SPLITS}
 
     def _generate_examples(self, arrays: dict[str, np.ndarray]):
         for i in range(len(arrays["user_index"])):
             yield i, {k: v[i] for k, v in arrays.items()}
 
 
+def _require_beam(name: str) -> None:
+    try:
+        import apache_beam  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"{name} builds with Apache Beam, which is not installed: pip install -e "
+            '".[beam]" && pip install --no-deps apache-beam==2.77.0 (README, "Preprocessing '
+            'at scale")'
+        ) from e
+
+
+# ---- the Beam path: the global pass writes shards of users, Beam runs the per-user pass ----
+def write_shards(
+    tables: HistoryTables, reviews: np.ndarray, folder: epath.Path, users_per_shard: int
+) -> list[str]:
+    """Writes the global tables once (``tables.pkl``, without rows) and each shard's rows, their
+    review texts and its first example's index in every split (``shard_*.pkl``); returns the
+    shard paths, in user order."""
+    if users_per_shard < 1:
+        raise ValueError(f"users_per_shard must be positive, got {users_per_shard}")
+    folder.mkdir(parents=True, exist_ok=True)
+    per_user = {s: tables.examples_per_user(s) for s in SPLITS}
+    first_example = {s: np.concatenate([[0], np.cumsum(n)]) for s, n in per_user.items()}
+    (folder / "tables.pkl").write_bytes(
+        pickle.dumps(dataclasses.replace(tables, rows=None, categories=None))
+    )
+    paths = []
+    for lo in range(0, tables.num_users, users_per_shard):
+        hi = min(lo + users_per_shard, tables.num_users)
+        shard = tables.users(lo, hi)
+        # The shard's review texts, by its rows: its ``rows.order`` then counts its own rows.
+        shard_reviews = reviews[shard.rows.order]
+        rows = dataclasses.replace(shard.rows, order=np.arange(len(shard.rows.order)))
+        first = {s: int(first_example[s][lo]) for s in SPLITS}
+        path = folder / f"shard_{lo:010d}.pkl"
+        path.write_bytes(pickle.dumps((rows, shard.categories, shard_reviews, first)))
+        paths.append(str(path))
+    return paths
+
+
+@functools.lru_cache(maxsize=4)
+def _global_tables(path: str) -> HistoryTables:
+    return pickle.loads(epath.Path(path).read_bytes())
+
+
+def shard_examples(path: str, split: str):
+    """Yields (example index in the split, example) for one shard of users: the per-user pass."""
+    rows, categories, reviews, first = pickle.loads(epath.Path(path).read_bytes())
+    tables = _global_tables(str(epath.Path(path).parent / "tables.pkl"))
+    tables = dataclasses.replace(tables, rows=rows, categories=categories)
+    arrays = split_examples(task_data_from_tables(tables, reviews, (split,)), split)
+    for i in range(len(arrays["user_index"])):
+        yield first[split] + i, {k: v[i] for k, v in arrays.items()}
+
+
+def _beam_examples(shards: list[str], split: str):
+    import apache_beam as beam
+
+    return beam.Create(shards) | beam.FlatMap(shard_examples, split=split)
+
+
 class UserLlmMovielens(_HistoriesBuilder):
     """MovieLens ratings as user history windows (``user_llm.data.readers.movielens``)."""
 
     DATASET = "movielens"
-    BUILDER_CONFIGS = _configs(tuple(MOVIELENS_MD5))
+    BUILDER_CONFIGS = _configs(tuple(MOVIELENS_MD5), beam=("ml-20m", "ml-25m", "ml-latest"))
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the GroupLens release (the folder or the .zip, e.g. ml-1m or ml-1m.zip) in the "
         "manual folder. ml-latest-small needs nothing: the bundled archive is used."
     )
 
-    def _task_data(self, manual_dir: Path | None) -> TaskData:
+    def _read(self, manual_dir: Path | None) -> tuple[HistoryTables, np.ndarray]:
         c = self.builder_config
         places = (manual_dir / c.source, manual_dir / f"{c.source}.zip") if manual_dir else ()
         found = [p for p in places if p.exists()]
@@ -209,7 +299,7 @@ class UserLlmMovielens(_HistoriesBuilder):
                 f"{c.source}: not in the manual folder ({manual_dir}) as a folder or .zip. "
                 + self.MANUAL_DOWNLOAD_INSTRUCTIONS
             )
-        return build_task_data("movielens", str(found[0]) if found else None, c.history_config())
+        return read_tables("movielens", str(found[0]) if found else None, c.history_config())
 
 
 class UserLlmAmazonReviews(_HistoriesBuilder):
@@ -217,7 +307,7 @@ class UserLlmAmazonReviews(_HistoriesBuilder):
 
     DATASET = "amazon_reviews"
     SOURCE_KW = "categories"
-    BUILDER_CONFIGS = _configs((
+    SOURCES = (
         "all", "All_Beauty", "Arts_Crafts_and_Sewing", "Automotive", "Baby_Products",
         "Beauty_and_Personal_Care", "Books", "CDs_and_Vinyl", "Cell_Phones_and_Accessories",
         "Clothing_Shoes_and_Jewelry", "Electronics", "Gift_Cards", "Grocery_and_Gourmet_Food",
@@ -225,7 +315,9 @@ class UserLlmAmazonReviews(_HistoriesBuilder):
         "Magazine_Subscriptions", "Movies_and_TV", "Musical_Instruments", "Office_Products",
         "Patio_Lawn_and_Garden", "Pet_Supplies", "Software", "Sports_and_Outdoors",
         "Tools_and_Home_Improvement", "Toys_and_Games", "Video_Games",
-    ))  # fmt: skip
+    )  # fmt: skip
+    # Full categories: the Beam path.
+    BUILDER_CONFIGS = _configs(SOURCES, beam=SOURCES)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the category review files (2023: <Category>.jsonl; 2018: <Category>_5.json) "
         "and, for titles and categories, their meta_<Category> files in the manual folder."
@@ -237,11 +329,13 @@ class UserLlmGoogleLocal(_HistoriesBuilder):
 
     DATASET = "google_local"
     SOURCE_KW = "states"
-    BUILDER_CONFIGS = _configs((
+    SOURCES = (
         "all", "Alabama", "Alaska", "Arizona", "California", "Colorado", "Florida", "Georgia",
         "Hawaii", "Illinois", "Massachusetts", "Michigan", "New_York", "Oregon", "Texas",
         "Washington",
-    ))  # fmt: skip
+    )  # fmt: skip
+    # Every state (California alone holds ~70M reviews): the Beam path.
+    BUILDER_CONFIGS = _configs(SOURCES, beam=SOURCES)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the state files (review-<State>.json and meta-<State>.json) in the manual folder."
     )
