@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -234,17 +235,19 @@ def _require_beam(name: str) -> None:
 def write_shards(
     tables: HistoryTables, reviews: np.ndarray, folder: epath.Path, users_per_shard: int
 ) -> list[str]:
-    """Writes the global tables once (``tables.pkl``, without rows) and each shard's rows, their
-    review texts and its first example's index in every split (``shard_*.pkl``); returns the
-    shard paths, in user order."""
+    """Writes the global tables once (without rows) and each shard's rows, their review texts
+    and its first example's index in every split (``shard_*.pkl``); returns the shard paths, in
+    user order. ``folder`` is emptied first; the tables file is named per build, so a worker
+    that read an earlier build's tables (they are cached per process) never reuses them."""
     if users_per_shard < 1:
         raise ValueError(f"users_per_shard must be positive, got {users_per_shard}")
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists():
+        folder.rmtree()
+    folder.mkdir(parents=True)
     per_user = {s: tables.examples_per_user(s) for s in SPLITS}
     first_example = {s: np.concatenate([[0], np.cumsum(n)]) for s, n in per_user.items()}
-    (folder / "tables.pkl").write_bytes(
-        pickle.dumps(dataclasses.replace(tables, rows=None, categories=None))
-    )
+    tables_path = folder / f"tables_{uuid.uuid4().hex}.pkl"
+    tables_path.write_bytes(pickle.dumps(dataclasses.replace(tables, rows=None, categories=None)))
     paths = []
     for lo in range(0, tables.num_users, users_per_shard):
         hi = min(lo + users_per_shard, tables.num_users)
@@ -254,7 +257,9 @@ def write_shards(
         rows = dataclasses.replace(shard.rows, order=np.arange(len(shard.rows.order)))
         first = {s: int(first_example[s][lo]) for s in SPLITS}
         path = folder / f"shard_{lo:010d}.pkl"
-        path.write_bytes(pickle.dumps((rows, shard.categories, shard_reviews, first)))
+        path.write_bytes(
+            pickle.dumps((tables_path.name, rows, shard.categories, shard_reviews, first))
+        )
         paths.append(str(path))
     return paths
 
@@ -266,8 +271,8 @@ def _global_tables(path: str) -> HistoryTables:
 
 def shard_examples(path: str, split: str):
     """Yields (example index in the split, example) for one shard of users: the per-user pass."""
-    rows, categories, reviews, first = pickle.loads(epath.Path(path).read_bytes())
-    tables = _global_tables(str(epath.Path(path).parent / "tables.pkl"))
+    tables_name, rows, categories, reviews, first = pickle.loads(epath.Path(path).read_bytes())
+    tables = _global_tables(str(epath.Path(path).parent / tables_name))
     tables = dataclasses.replace(tables, rows=rows, categories=categories)
     arrays = split_examples(task_data_from_tables(tables, reviews, (split,)), split)
     for i in range(len(arrays["user_index"])):
