@@ -237,3 +237,8 @@ def test_shards_of_users_give_the_whole_builds_examples_and_candidates(ml_small)
             np.testing.assert_array_equal(np.concatenate(got), value, err_msg=key)
     with pytest.raises(ValueError, match="not a non-empty range"):
         tables.users(5, 5)
+    # A user outside a shard is an error, never another user's row (a negative index).
+    with pytest.raises(IndexError, match="user_index 99 is not among"):
+        shards[2].items_of_user(99)
+    with pytest.raises(IndexError, match="outside these negatives' users"):
+        F.candidate_sets(shards[2], whole.splits["test"], parts[2])

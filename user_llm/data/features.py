@@ -115,7 +115,7 @@ def _user_key(users: np.ndarray, seed: int) -> np.ndarray:
 def negative_pool(h: Histories) -> np.ndarray:
     """item_index of items usable as negatives: a title and an item-vocabulary id."""
     in_vocab = h.vocabularies["item"].lookup(h.item_ids) >= NUM_RESERVED
-    has_title = np.asarray([bool(t) for t in h.item_titles])
+    has_title = np.asarray(h.item_titles, dtype=object).astype(bool)  # "" is False
     return np.flatnonzero(in_vocab & has_title).astype(np.int64)
 
 
@@ -201,6 +201,10 @@ def candidate_sets(
     ``candidate_item_ids`` (encoder vocabulary ids, PAD for none) and ``candidate_label``,
     each name preceded by ``prefix``."""
     users = np.asarray(split["user_index"], dtype=np.int64)
+    if len(users) and not (
+        users.min() >= h.first_user and users.max() < h.first_user + len(negatives)
+    ):
+        raise IndexError("candidate_sets: examples of users outside these negatives' users")
     neg = negatives[users - h.first_user]
     e, n = neg.shape
     label = (_mix(_user_key(users, seed) ^ np.uint64(0x5EED)) % np.uint64(n + 1)).astype(np.int64)

@@ -98,13 +98,14 @@ class Histories:
     item_ids: np.ndarray  # item_index -> item_id (every item, in vocabulary or not)
     item_titles: np.ndarray  # item_index -> title ("" without metadata)
     num_users_dropped: int
-    # Every kept user's full chronological item_index sequence (all splits), as CSR:
-    # user u's items are user_items[user_offsets[u]:user_offsets[u + 1]]. Candidate sampling
-    # needs it to exclude every item a user ever interacted with.
+    # Every kept user's full chronological item_index sequence (all splits), as CSR: user
+    # u = user_index - first_user has user_items[user_offsets[u]:user_offsets[u + 1]].
+    # Candidate sampling needs it to exclude every item a user ever interacted with.
     user_offsets: np.ndarray | None = None
     user_items: np.ndarray | None = None
     # split -> each example's target row in the input ``interactions`` table (e.g. to fetch the
-    # review text for review generation). Depends on the input row order, unlike ``splits``.
+    # review text for review generation; a TFDS Beam shard counts its own rows instead, see
+    # ``tfds_builders.write_shards``). Depends on the input row order, unlike ``splits``.
     target_rows: dict[str, np.ndarray] | None = None
     # The user_index of user_offsets' first user: 0, or a shard's first user
     # (``HistoryTables.users``); user_ids stays indexed by user_index.
@@ -119,6 +120,8 @@ class Histories:
     def items_of_user(self, user_index: int) -> np.ndarray:
         """item_index of every interaction of ``user_index``, oldest first."""
         u = user_index - self.first_user
+        if not 0 <= u < len(self.user_offsets) - 1:
+            raise IndexError(f"user_index {user_index} is not among these histories' users")
         lo, hi = self.user_offsets[u], self.user_offsets[u + 1]
         return self.user_items[lo:hi]
 
@@ -152,6 +155,7 @@ class _Rows:
     ``start[u]:start[u] + length[u]`` and an example's input window is a range of rows.
     """
 
+    # (In a shard of users, ``user``, ``start`` and ``length`` count from its first user.)
     order: np.ndarray  # row -> its row in the input ``interactions`` table
     user: np.ndarray  # row -> user_index (int32; kept users, numbered in user-id order)
     item: np.ndarray  # row -> item_index

@@ -35,7 +35,7 @@ class TaskData:
 
     @functools.cached_property
     def negatives(self) -> dict[str, np.ndarray]:
-        """{sampling: [num_users, NUM_NEGATIVES] negatives} for each candidate set."""
+        """{sampling: [users of the histories, NUM_NEGATIVES] negatives} per candidate set."""
         return {s: F.user_negatives(self.histories, sampling=s) for s in F.NEGATIVE_SAMPLINGS}
 
 

@@ -237,8 +237,9 @@ def write_shards(
 ) -> list[str]:
     """Writes the global tables once (without rows) and each shard's rows, their review texts
     and its first example's index in every split (``shard_*.pkl``); returns the shard paths, in
-    user order. ``folder`` is emptied first; the tables file is named per build, so a worker
-    that read an earlier build's tables (they are cached per process) never reuses them."""
+    user order. ``folder`` (one per builder and config) is emptied first, so one build of a
+    config at a time per download folder; the tables file is named per build, so a worker that
+    read an earlier build's tables (they are cached per process) never reuses them."""
     if users_per_shard < 1:
         raise ValueError(f"users_per_shard must be positive, got {users_per_shard}")
     if folder.exists():
