@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "importlib-resources==7.1.0",  # TFDS locates a builder's code through it
+    "etils==1.15.0",  # epath: the TFDS Beam builders' shard files (local or gs://)
     "gin-config==0.5.0",
     "sentencepiece==0.2.3",
     "numpy==2.4.6",

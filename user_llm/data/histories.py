@@ -69,6 +69,11 @@ class HistoryConfig:
         if self.train_stride is not None and self.train_stride < 1:
             raise ValueError("train_stride must be positive")
 
+    @property
+    def stride(self) -> int:
+        """The step between training targets (``train_stride`` or the history length)."""
+        return self.train_stride or self.max_history_length
+
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
@@ -276,11 +281,13 @@ class HistoryTables:
     def num_users(self) -> int:
         return len(self.rows.length)
 
-    def examples_per_user(self, split: str) -> np.ndarray:
-        """[num_users] how many examples of ``split`` each user gives."""
-        stride = self.config.train_stride or self.config.max_history_length
-        target = _example_targets(self.rows, stride)[split]
-        return np.bincount(self.rows.user[target], minlength=self.num_users)
+    def examples_per_user(self) -> dict[str, np.ndarray]:
+        """{split: [num_users] how many examples of the split each user gives}."""
+        targets = _example_targets(self.rows, self.config.stride)
+        return {
+            split: np.bincount(self.rows.user[target], minlength=self.num_users)
+            for split, target in targets.items()
+        }
 
     def users(self, lo: int, hi: int) -> HistoryTables:
         """The tables of users [lo, hi) of these tables (local indices), with their rows only."""
@@ -316,9 +323,8 @@ def histories_from_tables(t: HistoryTables, splits: tuple[str, ...] = SPLITS) ->
     row_features = _row_features(
         rows, t.categories, t.vocabularies, t.item_to_id, t.genre_to_id, config
     )
-    stride = config.train_stride or config.max_history_length
     examples, target_rows = {}, {}
-    for name, target in _example_targets(rows, stride).items():
+    for name, target in _example_targets(rows, config.stride).items():
         if name not in splits:
             continue
         examples[name] = _split_examples(

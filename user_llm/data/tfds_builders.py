@@ -245,7 +245,7 @@ def write_shards(
     if folder.exists():
         folder.rmtree()
     folder.mkdir(parents=True)
-    per_user = {s: tables.examples_per_user(s) for s in SPLITS}
+    per_user = tables.examples_per_user()
     first_example = {s: np.concatenate([[0], np.cumsum(n)]) for s, n in per_user.items()}
     tables_path = folder / f"tables_{uuid.uuid4().hex}.pkl"
     tables_path.write_bytes(pickle.dumps(dataclasses.replace(tables, rows=None, categories=None)))
