@@ -172,6 +172,13 @@ RECIPE_SWEEP = [  # in the order they were run
         "recipe + item head, cross-attention every 3rd layer (Proj), both tasks",
         ("CROSS_ATTENTION_EVERY", 3),
     ),
+    # Rows 17-18 leave the item head where row 11 has it; only more item-level gradient moved it
+    # (row 14's 4x steps +3.8, row 15's distillation +2.8). Both together.
+    item_head_row(
+        "recipe + item head distilled from the encoder head (Proj), both tasks, 600 steps",
+        ("ITEM_DISTILL_WEIGHT", 1.0),
+        steps=600,
+    ),
 ]
 STUDIES: dict[str, list[Variant]] = {  # every User-LLM variant: the recipe plus one change
     "main": [
