@@ -137,7 +137,7 @@ def tp_rows(model, params, items_list, old_max_items, runs) -> list[dict]:
         scorer = evaluate._LLMScorer(model, params, task, 24, vocab)
         batch, _ = next(evaluate.batches(examples, 1))
         answers = jnp.asarray(scorer.answer_tokens(batch))
-        model_batch = evaluate._model_batch(batch)
+        model_batch = evaluate.model_batch(batch)
         prompt = int(np.sum(batch["decoder_causal_attention"]))
         row = {"items": items, "prompt_tokens": prompt, "padded": lengths["inputs"]}
         out = {}

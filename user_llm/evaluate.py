@@ -257,7 +257,7 @@ def batches(
         )
 
 
-def _model_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+def model_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The model's features (decoder arrays and user_* arrays), without candidates."""
     return {k: v for k, v in batch.items() if k not in CANDIDATE_KEYS}
 
@@ -280,16 +280,16 @@ class _LLMScorer:
         self.titles = common.item_titles(task)
         self.answers = common.genre_names(task) if self.info.task == "favorite_genre" else None
         self.predict = jax.jit(
-            lambda p, b: model.predict_batch(p, _model_batch(b), max_decode_length=decode_len)
+            lambda p, b: model.predict_batch(p, model_batch(b), max_decode_length=decode_len)
         )
         self.score_and_predict = jax.jit(
-            lambda p, b, c, w: model.score_and_predict(p, _model_batch(b), c, decode_len, w),
+            lambda p, b, c, w: model.score_and_predict(p, model_batch(b), c, decode_len, w),
             static_argnums=3,
         )
-        self.diagnostics = jax.jit(lambda p, b: model.diagnostics(p, _model_batch(b)))
+        self.diagnostics = jax.jit(lambda p, b: model.diagnostics(p, model_batch(b)))
         self.item_scores = None
         if getattr(model, "has_item_head", False) and self.info.task == "next_item":
-            self.item_scores = jax.jit(lambda p, b: model.item_scores(p, _model_batch(b)))
+            self.item_scores = jax.jit(lambda p, b: model.item_scores(p, model_batch(b)))
 
     def answer_tokens(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """[b, C, width] candidate answers: the candidate titles, or every genre name."""
@@ -571,7 +571,7 @@ def _run_encoder(model: Any, params: Any, examples, batch_size: int) -> dict[str
     score_items = jax.jit(model.score_next_items)
     per_batch = []
     for batch, n in batches(examples, batch_size):
-        item_scores = np.asarray(score_items(params, _model_batch(batch)))[:n]
+        item_scores = np.asarray(score_items(params, model_batch(batch)))[:n]
         per_batch.append(item_ranking_metrics(item_scores, batch))
     return _concat(per_batch)
 

@@ -584,12 +584,17 @@ class UserLLMModel(DecoderOnlyModel):
             loss = loss + integration.item_distill_weight * kl
         return loss, weight, metrics
 
-    def item_scores(self, params: Params, batch: Batch) -> Array:
-        """[b, V] the item head's score of every item at each example's answer position
-        (the prompt only: the answer's own tokens come after it)."""
+    def answer_states(self, params: Params, batch: Batch) -> Array:
+        """[b, D] the LLM's final hidden state at each example's answer position (the prompt
+        only: the answer's own tokens come after it): what the item head reads."""
         answer = loss_position_index(batch["decoder_loss_weights"], 1)
         hidden = self._forward(params, batch, None, True, logits_index=answer, return_hidden=True)
-        return self.module.apply({"params": params}, hidden[:, 0], method="item_logits")
+        return hidden[:, 0]
+
+    def item_scores(self, params: Params, batch: Batch) -> Array:
+        """[b, V] the item head's score of every item at each example's answer position."""
+        states = self.answer_states(params, batch)
+        return self.module.apply({"params": params}, states, method="item_logits")
 
     def decode_inputs(self, params: Params, batch: Batch) -> DecodeInputs:
         """The user, encoded once per batch; a soft prompt is prepended by the prefill only."""

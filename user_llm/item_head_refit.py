@@ -1,0 +1,270 @@
+r"""Is User-LLM's item head short of the encoder head for want of fitting, or of information?
+
+  python -m user_llm.item_head_refit --gin_file=runs/user_llm/config.gin \
+      --task=movielens_next_item_userllm_h50_smollm2 [--train_examples=4096] \
+      [--test_examples=256] [--distill_weight=1.0] [--output=results/refit.json]
+
+Phase 2 trains the item head (a 576 -> 64 linear map from the LLM's answer-position state into
+the encoder's item space) jointly with the cross-attention blocks, for a few hundred noisy
+steps. This entry point freezes everything the run trained, computes the answer-position
+states of the task's train examples once, and refits the head alone to convergence on them
+(full-batch Adam from the trained head; the full-catalogue cross entropy, plus the encoder
+head's distribution with ``--distill_weight``; the step kept is the one with the lowest cross
+entropy on the last tenth of the train examples, other users). Then, on the first test
+examples and their candidates, it scores
+
+- the trained head (what ``user_llm.evaluate`` reports as ``item_head_*``),
+- the refitted head, with real and shuffled users (the control of ``evaluate``),
+- the AR encoder's own head on the same examples,
+
+and gives paired bootstrap intervals of the differences. If the refitted head reaches the
+encoder head, the states hold what the encoder knows and the head was underfit; if it does
+not, the blocks do not put the encoder's knowledge into the LLM's state, and no head on that
+state can recover it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from user_llm import checkpoints, evaluate
+from user_llm.models import distillation_kl, user_features
+from user_llm.user_encoder import pool_states
+
+FLAGS = flags.FLAGS
+Params = Any
+
+
+def _define_flags() -> None:
+    """Flags of the entry point only, so importing this module defines none."""
+    flags.DEFINE_string("task", "", "A registered User-LLM next-item task.")
+    flags.DEFINE_string("checkpoint_dir", "", "Parameters (default: the run's MODEL_DIR).")
+    flags.DEFINE_integer("train_examples", 4096, "First N train examples to refit on.")
+    flags.DEFINE_integer("test_examples", 256, "First N test examples to score.")
+    flags.DEFINE_integer("refit_steps", 400, "Full-batch Adam steps of the refit.")
+    flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the refit.")
+    flags.DEFINE_float("distill_weight", 0.0, "Weight of the encoder head's distribution.")
+    flags.DEFINE_integer("batch_size", 16, "Examples per LLM forward pass.")
+    flags.DEFINE_string("output", "", "Optional JSON file for the results.")
+
+
+def _batched(fn, params: Params, examples: Mapping[str, np.ndarray], batch_size: int, pick):
+    """Jitted ``fn(params, pick(batch))`` over the examples, concatenated (padding dropped)."""
+    jitted = jax.jit(fn)
+    out = []
+    for batch, n in evaluate.batches(examples, batch_size):
+        out.append(np.asarray(jitted(params, pick(batch)))[:n])
+    return np.concatenate(out)
+
+
+def answer_states(model: Any, params: Params, examples: Mapping[str, np.ndarray], batch_size: int):
+    """[n, D] the LLM's final state at each example's answer position (``answer_states``)."""
+    return _batched(model.answer_states, params, examples, batch_size, evaluate.model_batch)
+
+
+def teacher_scores(model: Any, params: Params, examples: Mapping[str, np.ndarray], batch_size: int):
+    """[n, V] the AR encoder head's next-item scores with history items at ``-inf``: the
+    distillation target, as phase 2 uses it."""
+    return _batched(
+        lambda p, u: model.module.apply({"params": p}, u, method="encoder_item_scores"),
+        params, examples, batch_size, user_features,
+    )  # fmt: skip
+
+
+def encoder_head_scores(
+    model: Any, params: Params, examples: Mapping[str, np.ndarray], batch_size: int
+):
+    """[n, V] the AR encoder head's raw next-item scores, as ``user_llm.evaluate`` ranks with
+    the encoder on its own (``score_next_items``: no item masked, as the item head's are not)."""
+
+    def scores(module, features):
+        encoder = module.user_encoder
+        hidden = encoder(features, True)
+        last = pool_states(hidden, features[encoder.config.mask_feature], "last")
+        return encoder.feature_logits(last, module.integration.item_feature)
+
+    return _batched(
+        lambda p, u: model.module.apply({"params": p}, u, method=scores),
+        params, examples, batch_size, user_features,
+    )  # fmt: skip
+
+
+def next_item_ids(examples: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[n] the encoder vocabulary id of each example's next item (its labelled candidate)."""
+    rows = np.arange(len(examples["candidate_label"]))
+    return examples["candidate_item_ids"][rows, examples["candidate_label"]].astype(np.int32)
+
+
+def head_scores(model: Any, params: Params, head: Params, states: np.ndarray) -> np.ndarray:
+    """[n, V] item scores of ``states`` through ``head`` in place of the trained item head."""
+    variables = {"params": {**params, "item_head": head}}
+    return np.asarray(model.module.apply(variables, jnp.asarray(states), method="item_logits"))
+
+
+def fit_item_head(
+    model: Any,
+    params: Params,
+    states: np.ndarray,
+    targets: np.ndarray,
+    holdout: np.ndarray,
+    teacher: np.ndarray | None = None,
+    distill_weight: float = 0.0,
+    steps: int = 400,
+    learning_rate: float = 3e-3,
+) -> tuple[Params, dict[str, float]]:
+    """The item head refitted on ``states`` (full-batch Adam from the trained head), at the
+    step with the lowest mean cross entropy on the ``holdout`` rows (a boolean mask); the
+    rest train. Returns the head and {train / held-out cross entropy at that step and at step 0
+    (the trained head), the step, the curve every 100 steps}."""
+    fit, held = ~holdout, holdout
+    if not fit.any() or not held.any():
+        raise ValueError("fit_item_head needs both train and held-out rows")
+    x = jnp.asarray(states)
+    y = jnp.asarray(targets)
+    t = None if teacher is None else jnp.asarray(teacher)
+
+    def logits(head):
+        variables = {"params": {**params, "item_head": head}}
+        return model.module.apply(variables, x, method="item_logits").astype(jnp.float32)
+
+    def nll(z):
+        return jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
+
+    def loss(head):
+        z = logits(head)
+        per = nll(z)
+        train = jnp.sum(jnp.where(fit, per, 0.0)) / fit.sum()
+        total = train
+        if t is not None and distill_weight:
+            total = total + distill_weight * distillation_kl(t, z, jnp.asarray(fit)) / fit.sum()
+        return total, (train, jnp.sum(jnp.where(held, per, 0.0)) / held.sum())
+
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(head, state):
+        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(head)
+        updates, state = tx.update(grads, state, head)
+        return optax.apply_updates(head, updates), state, aux
+
+    head = jax.tree_util.tree_map(jnp.asarray, params["item_head"])
+    state = tx.init(head)
+    best: tuple[float, Params, dict[str, float]] | None = None
+    curve = []  # [step, train cross entropy, held-out cross entropy] every 100 steps
+    for i in range(steps + 1):  # the last update is only taken to score the head before it
+        new_head, state, (train_ce, held_ce) = step(head, state)
+        if i == 0:
+            start = {"train_ce_start": float(train_ce), "heldout_ce_start": float(held_ce)}
+        if best is None or float(held_ce) < best[0]:
+            report = {"train_ce": float(train_ce), "heldout_ce": float(held_ce), "step": i}
+            best = (float(held_ce), head, report)
+        if i % 100 == 0:
+            curve.append([i, round(float(train_ce), 4), round(float(held_ce), 4)])
+        head = new_head
+    return best[1], {**best[2], **start, "curve": curve}
+
+
+def tail_holdout(n: int, fraction: float = 0.1) -> np.ndarray:
+    """A boolean mask of the last ``fraction`` of ``n`` examples: the split lists each user's
+    examples together, so these are (all but one) whole users the refit never sees."""
+    return np.arange(n) >= int(round(n * (1 - fraction)))
+
+
+def refit(
+    model: Any,
+    params: Params,
+    task: str,
+    feature_lengths: Mapping[str, int],
+    *,
+    train_examples: int = 4096,
+    test_examples: int = 256,
+    steps: int = 400,
+    learning_rate: float = 3e-3,
+    distill_weight: float = 0.0,
+    batch_size: int = 16,
+    log=print,
+) -> dict[str, Any]:
+    """The comparison of the module docstring, as a JSON-able dict (percent metrics)."""
+    train = evaluate.load_examples(task, feature_lengths, "train", train_examples)
+    test = evaluate.load_examples(task, feature_lengths, "test", test_examples)
+    log(f"states of {len(train['candidate_label'])} train examples (one LLM forward each)")
+    states = answer_states(model, params, train, batch_size)
+    teacher = teacher_scores(model, params, train, batch_size) if distill_weight else None
+    holdout = tail_holdout(len(states))
+    head, fit = fit_item_head(
+        model, params, states, next_item_ids(train), holdout, teacher, distill_weight, steps,
+        learning_rate,
+    )  # fmt: skip
+    log(f"refit: { {k: v for k, v in fit.items() if k != 'curve'} }")
+    shuffled = evaluate.with_control(test, "shuffled_user")
+    test_states = answer_states(model, params, test, batch_size)
+    systems = {
+        "trained head": head_scores(model, params, params["item_head"], test_states),
+        "refitted head": head_scores(model, params, head, test_states),
+        "refitted head, shuffled user": head_scores(
+            model, params, head, answer_states(model, params, shuffled, batch_size)
+        ),
+        "AR encoder head": encoder_head_scores(model, params, test, batch_size),
+    }
+    per = {k: evaluate.item_ranking_metrics(v, test) for k, v in systems.items()}
+    out: dict[str, Any] = {
+        "task": task,
+        "num_train": int((~holdout).sum()),
+        "num_heldout": int(holdout.sum()),
+        "num_test": len(test["candidate_label"]),
+        "refit": fit,
+        "systems": {k: evaluate.summarize(v) for k, v in per.items()},
+    }
+    refitted = per["refitted head"]
+    out["paired_diff"] = {
+        f"refitted head minus {other}": evaluate.paired_differences(refitted, per[other])
+        for other in ("trained head", "refitted head, shuffled user", "AR encoder head")
+    }
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    from user_llm import gin_utils
+
+    del argv
+    if not FLAGS.task:
+        raise ValueError("--task is empty: name a registered User-LLM next-item task")
+    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
+    if not getattr(run["model"], "has_item_head", False):
+        raise ValueError("the run's model has no item head (models/integration/item_head.gin)")
+    source = FLAGS.checkpoint_dir or run["model_dir"]
+    params = checkpoints.unflatten(checkpoints.read_params(source))
+    result = refit(
+        run["model"],
+        params,
+        FLAGS.task,
+        dict(run["train_dataset_cfg"].task_feature_lengths),
+        train_examples=FLAGS.train_examples,
+        test_examples=FLAGS.test_examples,
+        steps=FLAGS.refit_steps,
+        learning_rate=FLAGS.learning_rate,
+        distill_weight=FLAGS.distill_weight,
+        batch_size=FLAGS.batch_size,
+    )
+    result["checkpoint"] = str(source)
+    print(json.dumps(result))
+    if FLAGS.output:
+        Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(FLAGS.output).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    from user_llm import gin_utils
+
+    _define_flags()
+    gin_utils.run_main(main)
