@@ -288,6 +288,22 @@ def quiet_library_logs() -> None:
         handler.addFilter(LibraryInfoFilter())
 
 
+def print_error(message: str) -> None:
+    """Writes ``ERROR: message`` to stderr as one line that nothing else can split.
+
+    Orbax's writer threads may still be printing their own tracebacks when a save fails; a
+    ``print`` can land in the middle of one of their lines. One ``os.write`` of the whole line,
+    opened by a newline, is atomic on a pipe (under ``PIPE_BUF``) and always starts a line."""
+    line = f"ERROR: {message}\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest's capsys)
+        print(line, end="", file=sys.stderr)
+        return
+    sys.stderr.flush()
+    os.write(fd, ("\n" + line).encode())
+
+
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
     define_project_flags()
@@ -302,13 +318,13 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
             import_modules(FLAGS.module_import)
             return main(argv)
         except errors.UserLLMError as e:
-            print(f"ERROR: {_without_gin_context(e)}", file=sys.stderr)
+            print_error(_without_gin_context(e))
             sys.exit(2 if isinstance(e, GinConfigError) else 1)
         except OSError as e:  # a full, read-only or unwritable disk: one line, no traceback
             message = errors.write_failure_message(e)
             if message is None:
                 raise
-            print(f"ERROR: {message}", file=sys.stderr)
+            print_error(message)
             sys.exit(1)
 
     app.run(wrapped)
