@@ -132,7 +132,7 @@ def test_item_head_refit_on_real_users_matches_evaluate_and_lowers_held_out_loss
     refit = run_module(
         ["-m", "user_llm.item_head_refit", f"--gin_file={run / 'config.gin'}", f"--task={task}",
          "--train_examples=80", "--test_examples=16", "--refit_steps=30", "--batch_size=8",
-         f"--output={root / 'refit.json'}"]
+         "--learning_curve", "--mlp_hidden=32", f"--output={root / 'refit.json'}"]
     )  # fmt: skip
     result = json.loads((root / "refit.json").read_text())
     assert json.loads(refit.stdout.strip().splitlines()[-1])["refit"] == result["refit"]
@@ -147,5 +147,10 @@ def test_item_head_refit_on_real_users_matches_evaluate_and_lowers_held_out_loss
     trained = result["systems"]["trained head"]
     for metric in ("recall@5", "ndcg@10", "full_ndcg@10"):
         assert trained[metric] == pytest.approx(evaluated[f"item_head_{metric}"], abs=1e-6)
-    gap = result["paired_diff"]["refitted head minus AR encoder head"]["ndcg@10"]
-    assert gap[1] <= gap[0] <= gap[2]
+    others = ["head from zero, quarter of train", "head from zero, half of train",
+              "head from zero, all of train", "refitted head + residual MLP (32)"]  # fmt: skip
+    assert list(result["other_refits"]) == others
+    for name in ["refitted head", *others]:
+        gap = result["paired_diff"][f"{name} minus AR encoder head"]["ndcg@10"]
+        assert gap[1] <= gap[0] <= gap[2]
+        assert set(result["systems"][name]) == set(trained)

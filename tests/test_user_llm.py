@@ -856,12 +856,44 @@ def test_item_head_reads_the_prompt_only_and_trains_under_proj():
     assert not np.allclose(model.item_scores(trained, swapped), model.item_scores(trained, batch))
 
 
+def test_item_head_refit_states_cache_reuses_its_states_and_refuses_another_runs(tmp_path):
+    calls = []
+
+    def compute(examples):
+        calls.append(len(examples["candidate_label"]))
+        return np.full((len(examples["candidate_label"]), 3), float(len(calls)), np.float32)
+
+    sets = {"train": {"candidate_label": np.zeros(5)}, "test": {"candidate_label": np.zeros(2)}}
+    path = str(tmp_path / "states.npz")
+    first = item_head_refit.cached_states(path, sets, compute, "task abc")
+    again = item_head_refit.cached_states(path, sets, compute, "task abc")
+    assert calls == [5, 2]  # computed once, then read back
+    for name in sets:
+        np.testing.assert_array_equal(first[name], again[name])
+    assert not list(tmp_path.glob("*partial*"))
+    with pytest.raises(ValueError, match="other weights, task or example counts"):
+        item_head_refit.cached_states(path, sets, compute, "task other-weights")
+    fewer = {**sets, "test": {"candidate_label": np.zeros(1)}}
+    with pytest.raises(ValueError, match="other weights, task or example counts"):
+        item_head_refit.cached_states(path, fewer, compute, "task abc")
+    (tmp_path / "states.npz").write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="not readable"):
+        item_head_refit.cached_states(path, sets, compute, "task abc")
+    assert len(item_head_refit.cached_states("", sets, compute, "x")) == 2  # no cache: computed
+    assert calls == [5, 2, 5, 2]
+    weights = {"a": np.zeros((2, 2), np.float32), "b": np.ones(3, np.float32)}
+    changed = {**weights, "b": np.array([1, 1, 1.5], np.float32)}
+    fingerprint = item_head_refit.params_fingerprint
+    assert fingerprint(weights) == fingerprint({k: v.copy() for k, v in weights.items()})
+    assert fingerprint(weights) != fingerprint(changed)
+
+
 def test_item_head_refit_scores_like_the_trained_head_and_fits_held_out_users_better():
     model, params, batch = _item_head_llm()
     examples = {k: np.asarray(v) for k, v in batch.items()}
     states = item_head_refit.answer_states(model, params, examples, batch_size=2)
     np.testing.assert_allclose(
-        item_head_refit.head_scores(model, params, params["item_head"], states),
+        item_head_refit.head_scores(model, params, {"item_head": params["item_head"]}, states),
         model.item_scores(params, batch),
         rtol=1e-5,
         atol=1e-6,  # jitted vs eager
@@ -891,12 +923,42 @@ def test_item_head_refit_scores_like_the_trained_head_and_fits_held_out_users_be
     np.testing.assert_allclose(ce, report["heldout_ce"], rtol=1e-4)  # the head it reports
     same, start = item_head_refit.fit_item_head(model, params, x, y, holdout, steps=0)
     assert start["step"] == 0
+    assert list(same) == ["item_head"]
     for a, b in zip(
         jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(params["item_head"]), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="both train and held-out rows"):
         item_head_refit.fit_item_head(model, params, x, y, np.zeros(400, bool))
+    # From zero the head scores every item alike: its start is the uniform cross entropy.
+    zero, zero_report = item_head_refit.fit_item_head(
+        model, params, x, y, holdout, steps=0, from_scratch=True
+    )
+    num_items = item_head_refit.head_scores(model, params, zero, x[:1]).shape[1]
+    np.testing.assert_allclose(zero_report["heldout_ce"], np.log(num_items), rtol=1e-5)
+    # A learning curve's fewer train rows fit the held-out users less well.
+    few, few_report = item_head_refit.fit_item_head(
+        model, params, x, y, holdout, steps=100, learning_rate=3e-2, train_rows=np.arange(400) < 40
+    )
+    assert few_report["heldout_ce"] > report["heldout_ce"] + 0.1, (few_report, report)
+    # A next item that depends on the state's square, which no linear head can read: the
+    # residual MLP starts exactly at the linear head and ends well below it on held-out users.
+    y_sq = 2 + np.argmax((x @ rng.normal(size=(x.shape[1], 4))) ** 2, axis=1)
+    mlp, start = item_head_refit.fit_item_head(
+        model, params, x, y_sq, holdout, mlp_hidden=64, steps=0
+    )
+    np.testing.assert_allclose(
+        item_head_refit.head_scores(model, params, mlp, x),
+        item_head_refit.head_scores(model, params, {"item_head": params["item_head"]}, x),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    _, linear = item_head_refit.fit_item_head(
+        model, params, x, y_sq, holdout, steps=200, learning_rate=3e-2
+    )
+    _, nonlinear = item_head_refit.fit_item_head(
+        model, params, x, y_sq, holdout, steps=200, learning_rate=3e-2, mlp_hidden=64
+    )
+    assert nonlinear["heldout_ce"] < linear["heldout_ce"] - 0.1, (nonlinear, linear)
     ids = {
         "candidate_item_ids": np.array([[5, 9, 7], [3, 4, 6]]),
         "candidate_label": np.array([1, 2]),

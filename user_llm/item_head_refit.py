@@ -2,7 +2,8 @@ r"""Is User-LLM's item head short of the encoder head for want of fitting, or of
 
   python -m user_llm.item_head_refit --gin_file=runs/user_llm/config.gin \
       --task=movielens_next_item_userllm_h50_smollm2 [--train_examples=4096] \
-      [--test_examples=256] [--distill_weight=1.0] [--output=results/refit.json]
+      [--test_examples=256] [--distill_weight=1.0] [--learning_curve] [--mlp_hidden=512] \
+      [--states_cache=/tmp/states.npz] [--output=results/refit.json]
 
 Phase 2 trains the item head (a 576 -> 64 linear map from the LLM's answer-position state into
 the encoder's item space) jointly with the cross-attention blocks, for a few hundred noisy
@@ -25,8 +26,9 @@ state can recover it.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the refit.")
     flags.DEFINE_float("distill_weight", 0.0, "Weight of the encoder head's distribution.")
     flags.DEFINE_integer("batch_size", 16, "Examples per LLM forward pass.")
+    flags.DEFINE_bool("learning_curve", False, "Also refit on 1/4 and 1/2 of the train rows.")
+    flags.DEFINE_integer("mlp_hidden", 0, "Also refit a head with a residual MLP this wide.")
+    flags.DEFINE_string("states_cache", "", "Optional .npz keeping the LLM states between runs.")
     flags.DEFINE_string("output", "", "Optional JSON file for the results.")
 
 
@@ -104,10 +109,41 @@ def next_item_ids(examples: Mapping[str, np.ndarray]) -> np.ndarray:
     return examples["candidate_item_ids"][rows, examples["candidate_label"]].astype(np.int32)
 
 
+def refit_logits(model: Any, params: Params, head: Params, states: jax.Array) -> jax.Array:
+    """[n, V] item scores of ``states`` through a refit ``head``: {"item_head": the linear
+    head's params, optionally "residual_mlp": a residual MLP applied to the state first}."""
+    if "residual_mlp" in head:
+        states = states + residual_mlp(head["residual_mlp"], states)
+    variables = {"params": {**params, "item_head": head["item_head"]}}
+    return model.module.apply(variables, states, method="item_logits").astype(jnp.float32)
+
+
 def head_scores(model: Any, params: Params, head: Params, states: np.ndarray) -> np.ndarray:
-    """[n, V] item scores of ``states`` through ``head`` in place of the trained item head."""
-    variables = {"params": {**params, "item_head": head}}
-    return np.asarray(model.module.apply(variables, jnp.asarray(states), method="item_logits"))
+    """[n, V] item scores of ``states`` through ``head`` (``refit_logits``) in place of the
+    trained item head."""
+    return np.asarray(refit_logits(model, params, head, jnp.asarray(states)))
+
+
+def init_residual_mlp(states: np.ndarray, hidden: int, seed: int = 0) -> Params:
+    """A residual MLP ``s + gelu(z(s) W1 + b1) W2`` on states [n, D], with ``z`` the states
+    standardised by their own mean and scale (fixed) and ``W2 = 0``: it starts as the identity,
+    so a refit with it starts from the linear head's scores and can only add a non-linear
+    reading of the same state."""
+    d = states.shape[1]
+    rng = np.random.default_rng(seed)
+    return {
+        "mean": jnp.asarray(states.mean(0)),
+        "scale": jnp.asarray(states.std(0) + 1e-6),
+        "w1": jnp.asarray(rng.normal(size=(d, hidden)) / np.sqrt(d), jnp.float32),
+        "b1": jnp.zeros((hidden,), jnp.float32),
+        "w2": jnp.zeros((hidden, d), jnp.float32),
+    }
+
+
+def residual_mlp(mlp: Params, states: jax.Array) -> jax.Array:
+    """The residual MLP's update to ``states`` (its standardisation is not trained)."""
+    z = (states - jax.lax.stop_gradient(mlp["mean"])) / jax.lax.stop_gradient(mlp["scale"])
+    return jax.nn.gelu(z @ mlp["w1"] + mlp["b1"]) @ mlp["w2"]
 
 
 def fit_item_head(
@@ -120,12 +156,20 @@ def fit_item_head(
     distill_weight: float = 0.0,
     steps: int = 400,
     learning_rate: float = 3e-3,
+    mlp_hidden: int = 0,
+    train_rows: np.ndarray | None = None,
+    from_scratch: bool = False,
 ) -> tuple[Params, dict[str, float]]:
     """The item head refitted on ``states`` (full-batch Adam from the trained head), at the
     step with the lowest mean cross entropy on the ``holdout`` rows (a boolean mask); the
-    rest train. Returns the head and {train / held-out cross entropy at that step and at step 0
-    (the trained head), the step, the curve every 100 steps}."""
-    fit, held = ~holdout, holdout
+    rest train, or only ``train_rows`` of them (a boolean mask: a learning curve). With
+    ``mlp_hidden`` > 0, a residual MLP on the state (``init_residual_mlp``) is fitted with it.
+    ``from_scratch`` starts the linear head at zero instead (uniform scores), so that what it
+    ends at depends only on the rows it is fitted on. Returns the head ({"item_head"[,
+    "residual_mlp"]}, as ``head_scores`` takes it) and {train / held-out cross entropy at that
+    step and at step 0, the step, the curve every 100 steps}."""
+    held = holdout
+    fit = ~holdout if train_rows is None else train_rows & ~holdout
     if not fit.any() or not held.any():
         raise ValueError("fit_item_head needs both train and held-out rows")
     x = jnp.asarray(states)
@@ -133,8 +177,7 @@ def fit_item_head(
     t = None if teacher is None else jnp.asarray(teacher)
 
     def logits(head):
-        variables = {"params": {**params, "item_head": head}}
-        return model.module.apply(variables, x, method="item_logits").astype(jnp.float32)
+        return refit_logits(model, params, head, x)
 
     def nll(z):
         return jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
@@ -156,7 +199,10 @@ def fit_item_head(
         updates, state = tx.update(grads, state, head)
         return optax.apply_updates(head, updates), state, aux
 
-    head = jax.tree_util.tree_map(jnp.asarray, params["item_head"])
+    start_from = jnp.zeros_like if from_scratch else jnp.asarray
+    head = {"item_head": jax.tree_util.tree_map(start_from, params["item_head"])}
+    if mlp_hidden:
+        head["residual_mlp"] = init_residual_mlp(states[fit], mlp_hidden)
     state = tx.init(head)
     best: tuple[float, Params, dict[str, float]] | None = None
     curve = []  # [step, train cross entropy, held-out cross entropy] every 100 steps
@@ -171,6 +217,53 @@ def fit_item_head(
             curve.append([i, round(float(train_ce), 4), round(float(held_ce), 4)])
         head = new_head
     return best[1], {**best[2], **start, "curve": curve}
+
+
+def params_fingerprint(params: Params) -> str:
+    """A short SHA-256 of every parameter's path, shape and bytes: which weights made a cache."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_states(
+    path: str,
+    examples: Mapping[str, Mapping[str, np.ndarray]],
+    compute: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+    fingerprint: str,
+) -> dict[str, np.ndarray]:
+    """{name: compute(examples[name])}, kept in the .npz at ``path`` (none: no cache).
+
+    The file records ``fingerprint`` (task and weights) and each set's example count; a cache
+    made for other weights, another task or other example counts is refused with an error that
+    names it, never read as if it were this run's states."""
+    if not path:
+        return {name: compute(ex) for name, ex in examples.items()}
+    counts = {name: len(ex["candidate_label"]) for name, ex in examples.items()}
+    meta = json.dumps({"fingerprint": fingerprint, "counts": counts}, sort_keys=True)
+    file = Path(path)
+    if file.exists():
+        try:
+            with np.load(file) as data:
+                stored = {k: data[k] for k in data.files}
+            found = str(stored.pop("meta"))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"states cache {file} is not readable ({e}); remove it") from e
+        if found != meta:
+            raise ValueError(
+                f"states cache {file} was made for other weights, task or example counts "
+                f"({found}, here {meta}); remove it or name another file"
+            )
+        return stored
+    states = {name: compute(ex) for name, ex in examples.items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(file.name + ".partial.npz")
+    np.savez(partial, meta=np.asarray(meta), **states)
+    partial.replace(file)  # whole or absent: an interrupted write leaves no half cache
+    return states
 
 
 def tail_holdout(n: int, fraction: float = 0.1) -> np.ndarray:
@@ -191,28 +284,55 @@ def refit(
     learning_rate: float = 3e-3,
     distill_weight: float = 0.0,
     batch_size: int = 16,
+    learning_curve: bool = False,
+    mlp_hidden: int = 0,
+    states_cache: str = "",
     log=print,
 ) -> dict[str, Any]:
-    """The comparison of the module docstring, as a JSON-able dict (percent metrics)."""
+    """The comparison of the module docstring, as a JSON-able dict (percent metrics).
+
+    ``learning_curve`` adds linear heads fitted from zero on the first quarter, half and all of
+    the train rows (does a head on these states want more examples?); ``mlp_hidden`` adds a
+    head with a residual MLP of that width (is there signal in the state a linear head cannot
+    read?). Each extra head is compared with the AR encoder head on the same test users.
+    ``states_cache`` (an .npz path) keeps the LLM states between calls (``cached_states``)."""
     train = evaluate.load_examples(task, feature_lengths, "train", train_examples)
     test = evaluate.load_examples(task, feature_lengths, "test", test_examples)
+    shuffled = evaluate.with_control(test, "shuffled_user")
     log(f"states of {len(train['candidate_label'])} train examples (one LLM forward each)")
-    states = answer_states(model, params, train, batch_size)
+    cached = cached_states(
+        states_cache,
+        {"train": train, "test": test, "shuffled": shuffled},
+        lambda ex: answer_states(model, params, ex, batch_size),
+        fingerprint=f"{task} {params_fingerprint(params)}",
+    )
+    states, test_states = cached["train"], cached["test"]
     teacher = teacher_scores(model, params, train, batch_size) if distill_weight else None
     holdout = tail_holdout(len(states))
-    head, fit = fit_item_head(
-        model, params, states, next_item_ids(train), holdout, teacher, distill_weight, steps,
-        learning_rate,
-    )  # fmt: skip
-    log(f"refit: { {k: v for k, v in fit.items() if k != 'curve'} }")
-    shuffled = evaluate.with_control(test, "shuffled_user")
-    test_states = answer_states(model, params, test, batch_size)
+    targets = next_item_ids(train)
+    order = np.cumsum(~holdout)  # 1.. over the train rows, in example order
+    variants = {"refitted head": {}}
+    if learning_curve:
+        for name, part in (("quarter", 4), ("half", 2), ("all", 1)):
+            rows = order <= (~holdout).sum() // part
+            variants[f"head from zero, {name} of train"] = {
+                "train_rows": rows,
+                "from_scratch": True,
+            }
+    if mlp_hidden:
+        variants[f"refitted head + residual MLP ({mlp_hidden})"] = {"mlp_hidden": mlp_hidden}
+    heads, fits = {}, {}
+    for name, options in variants.items():
+        heads[name], fits[name] = fit_item_head(
+            model, params, states, targets, holdout, teacher, distill_weight, steps,
+            learning_rate, **options,
+        )  # fmt: skip
+        log(f"{name}: { {k: v for k, v in fits[name].items() if k != 'curve'} }")
+    head = heads["refitted head"]
     systems = {
-        "trained head": head_scores(model, params, params["item_head"], test_states),
-        "refitted head": head_scores(model, params, head, test_states),
-        "refitted head, shuffled user": head_scores(
-            model, params, head, answer_states(model, params, shuffled, batch_size)
-        ),
+        "trained head": head_scores(model, params, {"item_head": params["item_head"]}, test_states),
+        **{name: head_scores(model, params, h, test_states) for name, h in heads.items()},
+        "refitted head, shuffled user": head_scores(model, params, head, cached["shuffled"]),
         "AR encoder head": encoder_head_scores(model, params, test, batch_size),
     }
     per = {k: evaluate.item_ranking_metrics(v, test) for k, v in systems.items()}
@@ -221,7 +341,8 @@ def refit(
         "num_train": int((~holdout).sum()),
         "num_heldout": int(holdout.sum()),
         "num_test": len(test["candidate_label"]),
-        "refit": fit,
+        "refit": fits.pop("refitted head"),
+        "other_refits": fits,
         "systems": {k: evaluate.summarize(v) for k, v in per.items()},
     }
     refitted = per["refitted head"]
@@ -229,6 +350,10 @@ def refit(
         f"refitted head minus {other}": evaluate.paired_differences(refitted, per[other])
         for other in ("trained head", "refitted head, shuffled user", "AR encoder head")
     }
+    for name in fits:
+        out["paired_diff"][f"{name} minus AR encoder head"] = evaluate.paired_differences(
+            per[name], per["AR encoder head"]
+        )
     return out
 
 
@@ -255,6 +380,9 @@ def main(argv: Sequence[str]) -> None:
         learning_rate=FLAGS.learning_rate,
         distill_weight=FLAGS.distill_weight,
         batch_size=FLAGS.batch_size,
+        learning_curve=FLAGS.learning_curve,
+        mlp_hidden=FLAGS.mlp_hidden,
+        states_cache=FLAGS.states_cache,
     )
     result["checkpoint"] = str(source)
     print(json.dumps(result))
