@@ -1,6 +1,6 @@
 r"""Train-step cost of two ways to compute the same step, on the main job's real batches.
 
-  python benchmarks/phase2_step.py [--compare=differentiate|loss_positions] \
+  python benchmarks/phase2_step.py [--compare=differentiate|loss_positions|remat] \
       [--experiment=user_llm|tp] [--strategies=proj,enc] [--steps=5] \
       [--output=results/phase2_step.md] [--gin.NAME=VALUE ...]
 
@@ -14,7 +14,10 @@ the real train step (``user_llm.train_step.make_train_step``) both ways:
 - ``--compare=differentiate``: ``differentiate="all"`` (every weight gradient formed, frozen
   ones dropped afterwards) against ``"trainable"`` (frozen weights are constants);
 - ``--compare=loss_positions``: logits at every position against logits at the loss-bearing
-  positions only (``DecoderOnlyModel.loss_positions`` = the targets length).
+  positions only (``DecoderOnlyModel.loss_positions`` = the targets length);
+- ``--compare=remat``: the decoder's layers without rematerialization against
+  ``DecoderConfig.remat_policy='full'`` (each layer's activations recomputed in the backward
+  pass instead of kept: the memory of a long text prompt's LoRA step against its time).
 
 Both steps start from the same state; the trained parameters after one step are compared (they
 must agree to float32 round-off), then each step is timed. XLA's FLOP count and its temporary
@@ -95,8 +98,11 @@ def _setup(experiment: str, extra_bindings: list[str]):
     return bound["model"], batch, multipliers["learning_rate_multipliers"]
 
 
-def ways(model, batch, compare: str) -> list[tuple[str, object, str]]:
-    """The two (label, model, differentiate) ways of computing the same step."""
+def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object, str]]:
+    """The two (label, model, differentiate) ways of computing the same step (``remat_model``:
+    the same model built with ``remat_policy='full'``, for ``--compare=remat``)."""
+    if compare == "remat":
+        return [("no remat", model, "trainable"), ("remat full", remat_model, "trainable")]
     if compare == "differentiate":
         return [("all", model, "all"), ("trainable", model, "trainable")]
     every, few = copy.copy(model), copy.copy(model)
@@ -110,7 +116,9 @@ def ways(model, batch, compare: str) -> list[tuple[str, object, str]]:
     ]
 
 
-def measure(model, batch, multipliers, strategy: str, steps: int, compare: str) -> list[dict]:
+def measure(
+    model, batch, multipliers, strategy: str, steps: int, compare: str, remat_model=None
+) -> list[dict]:
     shapes = {k: v.shape for k, v in batch.items()}
     types = {k: v.dtype for k, v in batch.items()}
     params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes, types))["params"]
@@ -122,7 +130,7 @@ def measure(model, batch, multipliers, strategy: str, steps: int, compare: str) 
     rng = jax.random.PRNGKey(1)
     rows, after = [], {}
     use_dropout = getattr(getattr(model.module, "config", None), "dropout_rate", 0.0) > 0
-    for which, way_model, differentiate in ways(model, batch, compare):
+    for which, way_model, differentiate in ways(model, batch, compare, remat_model):
         step = jax.jit(
             make_train_step(
                 way_model, tx, schedule, 1, use_dropout, strategy, differentiate=differentiate
@@ -154,6 +162,7 @@ def measure(model, batch, multipliers, strategy: str, steps: int, compare: str) 
 TITLES = {
     "differentiate": "gradients of the trained parameters only",
     "loss_positions": "logits at the loss positions only",
+    "remat": "layer rematerialization (memory against time)",
 }
 
 
@@ -194,10 +203,14 @@ def main() -> None:
     extra = [a[len("--gin.") :] for a in rest if a.startswith("--gin.")]
     if unknown := [a for a in rest if not a.startswith("--gin.")]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    remat_model = None
+    if args.compare == "remat":  # the same gin, plus the policy (parsed first: _setup clears)
+        full = ["decoder.DecoderConfig.remat_policy='full'"]
+        remat_model = _setup(args.experiment, extra + full)[0]
     model, batch, multipliers = _setup(args.experiment, extra)
     rows = []
     for strategy in args.strategies.split(","):
-        rows += measure(model, batch, multipliers, strategy, args.steps, args.compare)
+        rows += measure(model, batch, multipliers, strategy, args.steps, args.compare, remat_model)
         print(json.dumps(rows[-2:], indent=1), flush=True)
     command = "python benchmarks/phase2_step.py " + " ".join(
         [f"--compare={args.compare}", f"--experiment={args.experiment}",
