@@ -384,7 +384,12 @@ def main(argv: Sequence[str]) -> None:
         mlp_hidden=FLAGS.mlp_hidden,
         states_cache=FLAGS.states_cache,
     )
-    result["checkpoint"] = str(source)
+    here = Path.cwd()
+    checkpoint = Path(source).resolve()
+    # Relative where it can be, so a results file names no machine's paths.
+    result["checkpoint"] = str(
+        checkpoint.relative_to(here) if checkpoint.is_relative_to(here) else checkpoint
+    )
     print(json.dumps(result))
     if FLAGS.output:
         Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
