@@ -1,7 +1,8 @@
-r"""Train-step cost of two ways to compute the same step, on the main job's real batches.
+r"""Train-step cost of ways to compute the same step, on the main job's real batches.
 
-  python benchmarks/phase2_step.py [--compare=differentiate|loss_positions|remat] \
-      [--experiment=user_llm|tp] [--strategies=proj,enc] [--steps=5] \
+  python benchmarks/phase2_step.py \
+      [--compare=differentiate|loss_positions|remat|scheduler|combined] \
+      [--experiment=user_llm|tp|tp_tiny] [--strategies=proj,enc] [--steps=5] \
       [--output=results/phase2_step.md] [--gin.NAME=VALUE ...]
 
 Builds the model from the experiment's gin files (``user_llm``: the main job's phase 2,
@@ -17,12 +18,21 @@ the real train step (``user_llm.train_step.make_train_step``) both ways:
   positions only (``DecoderOnlyModel.loss_positions`` = the targets length);
 - ``--compare=remat``: the decoder's layers without rematerialization against
   ``DecoderConfig.remat_policy='full'`` (each layer's activations recomputed in the backward
-  pass instead of kept: the memory of a long text prompt's LoRA step against its time).
+  pass instead of kept: the memory of a long text prompt's LoRA step against its time);
+- ``--compare=scheduler``: ``--compare=remat`` under XLA:CPU's default concurrency-optimized
+  instruction scheduler and under its memory-optimized one, each in its own subprocess
+  (the option is read from ``XLA_FLAGS`` when the backend starts; a per-compile
+  ``compiler_options`` entry is accepted but does not change the schedule). The concurrency
+  scheduler runs the rematerialized forward of every layer before the backward pass, so remat
+  alone saves no memory;
+- ``--compare=combined``: the step as issue 13 found it (every weight gradient, logits at
+  every position) against both levers together (trained parameters only, logits at the loss
+  positions).
 
-Both steps start from the same state; the trained parameters after one step are compared (they
-must agree to float32 round-off), then each step is timed. XLA's FLOP count and its temporary
-buffer size (the step's working memory beyond parameters and batch) are reported next to the
-time.
+All ways start from the same state; the trained parameters after one step are compared with
+the first way's (they must agree to float32 round-off), then each step is timed. XLA's FLOP
+count and its temporary buffer size (the step's working memory beyond parameters and batch)
+are reported next to the time.
 """
 
 from __future__ import annotations
@@ -30,7 +40,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,9 +112,17 @@ def _setup(experiment: str, extra_bindings: list[str]):
     return bound["model"], batch, multipliers["learning_rate_multipliers"]
 
 
+# XLA:CPU's instruction schedulers (``--compare=scheduler``): label -> XLA_FLAGS entry.
+SCHEDULERS = {
+    "concurrency (default)": "",
+    "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+}
+
+
 def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object, str]]:
-    """The two (label, model, differentiate) ways of computing the same step (``remat_model``:
-    the same model built with ``remat_policy='full'``, for ``--compare=remat``)."""
+    """The (label, model, differentiate) ways of computing the same step (``remat_model``: the
+    same model built with ``remat_policy='full'``, for ``--compare=remat``); the first is the
+    reference."""
     if compare == "remat":
         return [("no remat", model, "trainable"), ("remat full", remat_model, "trainable")]
     if compare == "differentiate":
@@ -110,6 +132,11 @@ def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object
     few.loss_positions = int(np.max(np.sum(np.asarray(batch["decoder_loss_weights"]) > 0, 1)))
     if model.loss_positions:  # the gin file's own setting, as training uses it
         few.loss_positions = model.loss_positions
+    if compare == "combined":
+        return [
+            ("all gradients, every position (issue 13's step)", every, "all"),
+            (f"trainable, loss positions ({few.loss_positions})", few, "trainable"),
+        ]
     return [
         ("every position", every, "trainable"),
         (f"loss positions ({few.loss_positions})", few, "trainable"),
@@ -117,8 +144,17 @@ def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object
 
 
 def measure(
-    model, batch, multipliers, strategy: str, steps: int, compare: str, remat_model=None
+    model,
+    batch,
+    multipliers,
+    strategy: str,
+    steps: int,
+    compare: str,
+    remat_model=None,
+    save_params: str = "",
 ) -> list[dict]:
+    """One row per way; ``save_params``: also write each way's parameters after one step to
+    ``<save_params>/<strategy>_<i>.npz`` (``--compare=scheduler`` compares across processes)."""
     shapes = {k: v.shape for k, v in batch.items()}
     types = {k: v.dtype for k, v in batch.items()}
     params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes, types))["params"]
@@ -148,21 +184,63 @@ def measure(
             "examples_per_s": batch["decoder_input_tokens"].shape[0] / step_s,
             "step_gflop": _flops(compiled) / 1e9, "temp_gib": _temp_gib(compiled),
         })  # fmt: skip
-    first, second = after.values()
-    diffs = [
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second),
-                        strict=True)
-    ]  # fmt: skip
-    rows[-1]["speedup"] = rows[0]["step_s_median"] / rows[-1]["step_s_median"]
-    rows[-1]["max_abs_param_diff"] = max(diffs)
+    leaves = [[np.asarray(x) for x in jax.tree_util.tree_leaves(p)] for p in after.values()]
+    if save_params:
+        for i, way_leaves in enumerate(leaves):
+            np.savez(Path(save_params) / f"{strategy}_{i}.npz", *way_leaves)
+    compare_rows(rows, leaves)
     return rows
+
+
+def compare_rows(rows: list[dict], leaves: list[list[np.ndarray]]) -> None:
+    """Adds each row's speed-up and largest parameter difference against the first row."""
+    for row, other in zip(rows[1:], leaves[1:], strict=True):
+        row["speedup"] = rows[0]["step_s_median"] / row["step_s_median"]
+        row["max_abs_param_diff"] = max(
+            float(np.max(np.abs(a - b))) for a, b in zip(leaves[0], other, strict=True)
+        )
+
+
+def measure_schedulers(args, rest: list[str]) -> list[dict]:
+    """``--compare=remat`` once per XLA:CPU scheduler, each in a subprocess with its own
+    ``XLA_FLAGS``; the rows joined and compared with the first (default scheduler, no remat)."""
+    rows, leaves = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, flag in SCHEDULERS.items():
+            out = Path(tmp) / f"{len(rows)}"
+            out.mkdir()
+            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+            command = [
+                sys.executable, __file__, "--compare=remat", f"--experiment={args.experiment}",
+                f"--strategies={args.strategies}", f"--steps={args.steps}",
+                f"--output={out / 'rows.md'}", f"--save_params={out}", *rest,
+            ]  # fmt: skip
+            subprocess.run(command, env=env, check=True)
+            seen: dict[str, int] = {}  # the way's index within its strategy, as saved
+            for row in json.loads((out / "rows.json").read_text()):
+                i = seen[row["strategy"]] = seen.get(row["strategy"], -1) + 1
+                saved = np.load(out / f"{row['strategy']}_{i}.npz")
+                leaves.append([saved[f"arr_{j}"] for j in range(len(saved.files))])
+                row["way"] = f"{label}, {row['way']}"
+                rows.append({k: v for k, v in row.items() if k not in TO_RECOMPUTE})
+    joined = []
+    for strategy in args.strategies.split(","):
+        picked = [i for i, r in enumerate(rows) if r["strategy"] == strategy]
+        strategy_rows = [rows[i] for i in picked]
+        compare_rows(strategy_rows, [leaves[i] for i in picked])
+        joined += strategy_rows
+    return joined
+
+
+TO_RECOMPUTE = ("speedup", "max_abs_param_diff")  # against another reference when joined
 
 
 TITLES = {
     "differentiate": "gradients of the trained parameters only",
     "loss_positions": "logits at the loss positions only",
     "remat": "layer rematerialization (memory against time)",
+    "scheduler": "XLA:CPU's instruction scheduler, with and without remat (memory against time)",
+    "combined": "issue 13's step against the levers together",
 }
 
 
@@ -199,6 +277,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="proj,enc")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--output", default="")
+    parser.add_argument("--save_params", default="", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     extra = [a[len("--gin.") :] for a in rest if a.startswith("--gin.")]
     if unknown := [a for a in rest if not a.startswith("--gin.")]:
@@ -209,9 +288,15 @@ def main() -> None:
         remat_model = _setup(args.experiment, extra + full)[0]
     model, batch, multipliers = _setup(args.experiment, extra)
     rows = []
-    for strategy in args.strategies.split(","):
-        rows += measure(model, batch, multipliers, strategy, args.steps, args.compare, remat_model)
-        print(json.dumps(rows[-2:], indent=1), flush=True)
+    if args.compare == "scheduler":
+        rows = measure_schedulers(args, rest)
+    for strategy in args.strategies.split(",") if args.compare != "scheduler" else []:
+        new = measure(
+            model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
+            args.save_params,
+        )  # fmt: skip
+        print(json.dumps(new, indent=1), flush=True)
+        rows += new
     command = "python benchmarks/phase2_step.py " + " ".join(
         [f"--compare={args.compare}", f"--experiment={args.experiment}",
          f"--strategies={args.strategies}", f"--steps={args.steps}", *rest]
