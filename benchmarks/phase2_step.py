@@ -1,7 +1,7 @@
 r"""Train-step cost of ways to compute the same step, on the main job's real batches.
 
   python benchmarks/phase2_step.py \
-      [--compare=differentiate|loss_positions|remat|scheduler|combined] \
+      [--compare=differentiate|loss_positions|remat|combined] [--both_schedulers] \
       [--experiment=user_llm|tp|tp_tiny] [--strategies=proj,enc] [--steps=5] \
       [--output=results/phase2_step.md] [--gin.NAME=VALUE ...]
 
@@ -19,15 +19,16 @@ the real train step (``user_llm.train_step.make_train_step``) both ways:
 - ``--compare=remat``: the decoder's layers without rematerialization against
   ``DecoderConfig.remat_policy='full'`` (each layer's activations recomputed in the backward
   pass instead of kept: the memory of a long text prompt's LoRA step against its time);
-- ``--compare=scheduler``: ``--compare=remat`` under XLA:CPU's default concurrency-optimized
-  instruction scheduler and under its memory-optimized one, each in its own subprocess
-  (the option is read from ``XLA_FLAGS`` when the backend starts; a per-compile
-  ``compiler_options`` entry is accepted but does not change the schedule). The concurrency
-  scheduler runs the rematerialized forward of every layer before the backward pass, so remat
-  alone saves no memory;
 - ``--compare=combined``: the step as issue 13 found it (every weight gradient, logits at
   every position) against both levers together (trained parameters only, logits at the loss
   positions).
+
+``--both_schedulers`` runs the comparison once under XLA:CPU's default concurrency-optimized
+instruction scheduler and once under its memory-optimized one (``user_llm.xla_options``, what
+the entry points choose), each in its own subprocess: XLA reads the option from ``XLA_FLAGS``
+when its backend starts (a per-compile ``compiler_options`` entry is accepted but does not
+change the schedule). The concurrency scheduler runs the rematerialized forward of every layer
+before the backward pass, so under it remat saves almost no memory.
 
 All ways start from the same state; the trained parameters after one step are compared with
 the first way's (they must agree to float32 round-off), then each step is timed. XLA's FLOP
@@ -38,6 +39,7 @@ are reported next to the time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -55,7 +57,7 @@ import numpy as np
 import optax
 import timing
 
-from user_llm import gin_utils, optimizers, strategies
+from user_llm import gin_utils, optimizers, strategies, xla_options
 from user_llm.data import pipeline
 from user_llm.train_step import make_train_step
 
@@ -103,19 +105,19 @@ def _setup(experiment: str, extra_bindings: list[str]):
     gin_file, bindings = EXPERIMENTS[experiment]
     gin_utils.parse_gin([gin_file], bindings + extra_bindings)
     bound = gin_utils.query_values("train_lib.train", ["model", "train_dataset_cfg"])
-    try:  # set by the User-LLM run file only
-        multipliers = gin_utils.query_values("train_lib.train", ["learning_rate_multipliers"])
-    except ValueError:
-        multipliers = {"learning_rate_multipliers": None}
+    optional = {"learning_rate_multipliers": None, "accumulation_steps": 1}
+    for name in optional:  # not every run file binds them
+        with contextlib.suppress(ValueError):
+            optional[name] = gin_utils.query_values("train_lib.train", [name])[name]
     ds = pipeline.get_dataset(bound["train_dataset_cfg"], shard_id=0, num_shards=1)
     batch = {k: jnp.asarray(v) for k, v in next(pipeline.numpy_batches(ds)).items()}
-    return bound["model"], batch, multipliers["learning_rate_multipliers"]
+    return bound["model"], batch, *optional.values()
 
 
-# XLA:CPU's instruction schedulers (``--compare=scheduler``): label -> XLA_FLAGS entry.
+# XLA:CPU's instruction schedulers (``--both_schedulers``): label -> XLA_FLAGS entry.
 SCHEDULERS = {
-    "concurrency (default)": "",
-    "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "concurrency (XLA's default)": xla_options.CONCURRENCY_SCHEDULER,
+    "memory (the entry points' default)": xla_options.MEMORY_SCHEDULER,
 }
 
 
@@ -152,9 +154,11 @@ def measure(
     compare: str,
     remat_model=None,
     save_params: str = "",
+    accumulation_steps: int = 1,
 ) -> list[dict]:
     """One row per way; ``save_params``: also write each way's parameters after one step to
-    ``<save_params>/<strategy>_<i>.npz`` (``--compare=scheduler`` compares across processes)."""
+    ``<save_params>/<strategy>_<i>.npz`` (``--both_schedulers`` compares across processes).
+    ``accumulation_steps``: the run file's microbatches per step, as training runs them."""
     shapes = {k: v.shape for k, v in batch.items()}
     types = {k: v.dtype for k, v in batch.items()}
     params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes, types))["params"]
@@ -169,20 +173,30 @@ def measure(
     for which, way_model, differentiate in ways(model, batch, compare, remat_model):
         step = jax.jit(
             make_train_step(
-                way_model, tx, schedule, 1, use_dropout, strategy, differentiate=differentiate
-            )
+                way_model,
+                tx,
+                schedule,
+                accumulation_steps,
+                use_dropout,
+                strategy,
+                differentiate=differentiate,
+            )  # fmt: skip
         )
         t0 = time.perf_counter()
         compiled = step.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - t0
+        rows.append({
+            "strategy": strategy, "way": which, "compile_s": compile_s,
+            "step_gflop": _flops(compiled) / 1e9, "temp_gib": _temp_gib(compiled),
+        })  # fmt: skip
+        if not steps:  # compile only: the cost and memory XLA plans, with nothing run
+            continue
         # The warm-up step's state is the one compared below.
         new_state, _, step_s = timing.timed_steps(compiled, state, batch, rng, steps)
         after[which] = new_state["params"]
-        rows.append({
-            "strategy": strategy, "way": which, "compile_s": compile_s,
+        rows[-1].update({
             "step_s_median": step_s, "steps_per_s": 1 / step_s,
             "examples_per_s": batch["decoder_input_tokens"].shape[0] / step_s,
-            "step_gflop": _flops(compiled) / 1e9, "temp_gib": _temp_gib(compiled),
         })  # fmt: skip
     leaves = [[np.asarray(x) for x in jax.tree_util.tree_leaves(p)] for p in after.values()]
     if save_params:
@@ -194,6 +208,8 @@ def measure(
 
 def compare_rows(rows: list[dict], leaves: list[list[np.ndarray]]) -> None:
     """Adds each row's speed-up and largest parameter difference against the first row."""
+    if not leaves:  # compiled only
+        return
     for row, other in zip(rows[1:], leaves[1:], strict=True):
         row["speedup"] = rows[0]["step_s_median"] / row["step_s_median"]
         row["max_abs_param_diff"] = max(
@@ -202,32 +218,36 @@ def compare_rows(rows: list[dict], leaves: list[list[np.ndarray]]) -> None:
 
 
 def measure_schedulers(args, rest: list[str]) -> list[dict]:
-    """``--compare=remat`` once per XLA:CPU scheduler, each in a subprocess with its own
-    ``XLA_FLAGS``; the rows joined and compared with the first (default scheduler, no remat)."""
+    """``args.compare`` once per XLA:CPU scheduler, each in a subprocess with its own
+    ``XLA_FLAGS``; the rows joined and compared with the first (XLA's default scheduler)."""
     rows, leaves = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for label, flag in SCHEDULERS.items():
             out = Path(tmp) / f"{len(rows)}"
             out.mkdir()
-            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+            others = os.environ.get("XLA_FLAGS", "").split()
+            others = [f for f in others if xla_options.SCHEDULER_OPTION not in f]
+            env = dict(os.environ, XLA_FLAGS=" ".join([*others, flag]))
             command = [
-                sys.executable, __file__, "--compare=remat", f"--experiment={args.experiment}",
-                f"--strategies={args.strategies}", f"--steps={args.steps}",
+                sys.executable, __file__, f"--compare={args.compare}",
+                f"--experiment={args.experiment}", f"--strategies={args.strategies}",
+                f"--steps={args.steps}",
                 f"--output={out / 'rows.md'}", f"--save_params={out}", *rest,
             ]  # fmt: skip
             subprocess.run(command, env=env, check=True)
             seen: dict[str, int] = {}  # the way's index within its strategy, as saved
             for row in json.loads((out / "rows.json").read_text()):
                 i = seen[row["strategy"]] = seen.get(row["strategy"], -1) + 1
-                saved = np.load(out / f"{row['strategy']}_{i}.npz")
-                leaves.append([saved[f"arr_{j}"] for j in range(len(saved.files))])
+                if args.steps:
+                    saved = np.load(out / f"{row['strategy']}_{i}.npz")
+                    leaves.append([saved[f"arr_{j}"] for j in range(len(saved.files))])
                 row["way"] = f"{label}, {row['way']}"
                 rows.append({k: v for k, v in row.items() if k not in TO_RECOMPUTE})
     joined = []
     for strategy in args.strategies.split(","):
         picked = [i for i, r in enumerate(rows) if r["strategy"] == strategy]
         strategy_rows = [rows[i] for i in picked]
-        compare_rows(strategy_rows, [leaves[i] for i in picked])
+        compare_rows(strategy_rows, [leaves[i] for i in picked] if leaves else [])
         joined += strategy_rows
     return joined
 
@@ -239,19 +259,28 @@ TITLES = {
     "differentiate": "gradients of the trained parameters only",
     "loss_positions": "logits at the loss positions only",
     "remat": "layer rematerialization (memory against time)",
-    "scheduler": "XLA:CPU's instruction scheduler, with and without remat (memory against time)",
     "combined": "issue 13's step against the levers together",
 }
 
 
-def report(rows: list[dict], command: str, batch_shape: dict, compare: str, exp: str) -> str:
+def report(
+    rows: list[dict],
+    command: str,
+    batch_shape: dict,
+    compare: str,
+    exp: str,
+    micro: int = 1,
+    both_schedulers: bool = False,
+) -> str:
     lines = [
-        f"# Train step ({exp}): {TITLES[compare]}",
+        f"# Train step ({exp}): {TITLES[compare]}"
+        + (", under each of XLA:CPU's two schedulers" if both_schedulers else ""),
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {jax.device_count()} {jax.default_backend()} "
         f"device(s), jax {jax.__version__}, float32. Batch (one real training batch of the "
-        f"experiment's task): {batch_shape}.",
+        f"experiment's task): {batch_shape}"
+        + (f", in {micro} microbatches (the run file's accumulation_steps)." if micro > 1 else "."),
         "",
         f"| strategy | {compare} | compile (s) | step (s, median) | steps/s | examples/s "
         "| GFLOP/step (XLA) | temp. memory (GiB, XLA) | speed-up | max abs param diff after "
@@ -262,9 +291,13 @@ def report(rows: list[dict], command: str, batch_shape: dict, compare: str, exp:
         versus = "- | - |"
         if "speedup" in r:
             versus = f"{r['speedup']:.2f}x | {r['max_abs_param_diff']:.2e} |"
+        timed = "- | - | - |"  # compiled only (--steps=0)
+        if "step_s_median" in r:
+            timed = (
+                f"{r['step_s_median']:.3f} | {r['steps_per_s']:.3f} | {r['examples_per_s']:.2f} |"
+            )
         lines.append(
-            f"| {r['strategy']} | {r['way']} | {r['compile_s']:.1f} | "
-            f"{r['step_s_median']:.3f} | {r['steps_per_s']:.3f} | {r['examples_per_s']:.2f} | "
+            f"| {r['strategy']} | {r['way']} | {r['compile_s']:.1f} | {timed} "
             f"{r['step_gflop']:.1f} | {r['temp_gib']:.2f} | {versus}"
         )
     return "\n".join(lines) + "\n"
@@ -275,34 +308,39 @@ def main() -> None:
     parser.add_argument("--compare", default="differentiate", choices=sorted(TITLES))
     parser.add_argument("--experiment", default="user_llm", choices=sorted(EXPERIMENTS))
     parser.add_argument("--strategies", default="proj,enc")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; 0: compile only")
     parser.add_argument("--output", default="")
+    parser.add_argument("--both_schedulers", action="store_true")
     parser.add_argument("--save_params", default="", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     extra = [a[len("--gin.") :] for a in rest if a.startswith("--gin.")]
     if unknown := [a for a in rest if not a.startswith("--gin.")]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     remat_model = None
-    if args.compare == "remat":  # the same gin, plus the policy (parsed first: _setup clears)
+    if args.compare == "remat" and not args.both_schedulers:  # the same gin + the policy
+        # (parsed first: _setup clears gin)
         full = ["decoder.DecoderConfig.remat_policy='full'"]
         remat_model = _setup(args.experiment, extra + full)[0]
-    model, batch, multipliers = _setup(args.experiment, extra)
+    model, batch, multipliers, accumulation = _setup(args.experiment, extra)
     rows = []
-    if args.compare == "scheduler":
+    if args.both_schedulers:
         rows = measure_schedulers(args, rest)
-    for strategy in args.strategies.split(",") if args.compare != "scheduler" else []:
+    for strategy in args.strategies.split(",") if not args.both_schedulers else []:
         new = measure(
             model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
-            args.save_params,
+            args.save_params, accumulation,
         )  # fmt: skip
         print(json.dumps(new, indent=1), flush=True)
         rows += new
     command = "python benchmarks/phase2_step.py " + " ".join(
-        [f"--compare={args.compare}", f"--experiment={args.experiment}",
-         f"--strategies={args.strategies}", f"--steps={args.steps}", *rest]
+        [f"--compare={args.compare}", *["--both_schedulers"] * args.both_schedulers,
+         f"--experiment={args.experiment}", f"--strategies={args.strategies}",
+         f"--steps={args.steps}", *rest]
     )  # fmt: skip
     shapes = {k: list(v.shape) for k, v in batch.items()}
-    text = report(rows, command, shapes, args.compare, args.experiment)
+    text = report(
+        rows, command, shapes, args.compare, args.experiment, accumulation, args.both_schedulers
+    )
     print(text)
     if args.output:
         Path(args.output).write_text(text)

@@ -21,7 +21,7 @@ import gin
 from absl import app, flags
 from absl import logging as absl_logging
 
-from user_llm import errors
+from user_llm import errors, xla_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEARCH_PATHS = (str(REPO_ROOT / "gin"), str(REPO_ROOT), ".")
@@ -305,7 +305,9 @@ def print_error(message: str) -> None:
 
 
 def run_main(main: Callable[[Sequence[str]], Any]) -> None:
-    """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems."""
+    """``app.run`` with ``--gin.X=Y`` rewriting, and clean one-line errors for config problems.
+    Sets XLA:CPU's memory-optimized scheduler first (``xla_options``), before jax starts."""
+    xla_options.prefer_memory_scheduler()
     define_project_flags()
     sys.argv = rewrite_gin_args(sys.argv)
     if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
