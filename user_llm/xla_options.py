@@ -4,8 +4,9 @@ Why: XLA:CPU's default instruction scheduler (concurrency-optimized) runs the re
 forward pass of every decoder layer ahead of the backward pass, so ``remat_policy`` saved
 almost no memory on a CPU: 12.4 of 13.0 GiB of working memory for a SmolLM2 text-prompt LoRA
 step at 4 x 792 tokens. Under XLA:CPU's memory-optimized scheduler the same step needs 8.4 GiB
-without remat and 4.0 GiB with it, and without remat it was also faster (1.13x); the trained
-parameters are bitwise the same (``results/remat_tp.md``). Accelerators ignore the option.
+without remat and 4.0 GiB with it (User-LLM phase 2: 0.46 instead of 0.83 GiB), at about the
+same speed (0.89-1.13x of the default across runs), and the trained parameters are bitwise the
+same (``results/remat_tp.md``). Accelerators ignore the option.
 
 XLA reads it from ``XLA_FLAGS`` once, when the backend starts: a per-compile
 ``compiler_options`` entry is accepted but leaves the schedule unchanged (measured), so it is
