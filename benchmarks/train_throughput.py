@@ -1,7 +1,8 @@
 r"""Train-step throughput and achieved FLOP/s against this machine's measured matmul peak.
 
   python benchmarks/train_throughput.py [--configs=small,100m] [--steps=5] \
-      [--output=results/train_throughput.md]
+      [--dtype=bfloat16] [--batch_scale=8] [--attention=ours|jax_xla|jax_cudnn] \
+      [--remat=none|full|minimal] [--output=results/train_throughput.md]
 
 For each config: compile the real train step (``user_llm.train.make_train_step``: forward,
 backward, AdamW update) on a synthetic batch, read its FLOPs from XLA's cost analysis, time
@@ -13,6 +14,13 @@ Two FLOP counts are reported: XLA's cost analysis of the compiled step, and the 
 estimate 6 * parameters * tokens (forward + backward, attention excluded). They differ: XLA
 counts what it compiles (on GPU it misses work inside library calls such as cuBLAS GEMMs),
 6ND counts the matmul work the model needs. Read the fraction of peak with that in mind.
+
+``--attention=jax_cudnn`` (or ``jax_xla``) routes the decoder's self-attention to
+``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash attention on an
+NVIDIA GPU), in this process only: a measurement of the lever before it is built into
+``user_llm.layers``. It holds for these batches only (full causal rows, no padding, so the
+mask is the causal one); the initial loss column shows it computes the same function.
+``--remat`` sets ``DecoderConfig.remat_policy``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,22 @@ CONFIGS = {
 }
 
 
+def use_jax_attention(implementation: str) -> None:
+    """The decoder's self-attention through ``jax.nn.dot_product_attention(...,
+    is_causal=True, implementation=implementation)`` for this process (see the module doc)."""
+    from user_llm import attention
+
+    ours = attention.dot_product_attention
+
+    def jax_attention(query, key, value, mask, dtype, key_bias=None):
+        if key_bias is not None or query.shape[1] != key.shape[1]:  # not a causal self-attention
+            return ours(query, key, value, mask, dtype, key_bias)
+        q, k, v = (x.astype(dtype) for x in (query, key, value))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    attention.dot_product_attention = jax_attention
+
+
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
     """Best dense matmul FLOP/s over ``repeats`` timings of an n x n x n product."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
@@ -72,11 +96,16 @@ def _flops(compiled) -> float:
 
 
 def measure(
-    name: str, steps: int, dtype: str = "float32", batch_scale: int = 1, check_finite: bool = True
+    name: str,
+    steps: int,
+    dtype: str = "float32",
+    batch_scale: int = 1,
+    check_finite: bool = True,
+    remat: str = "none",
 ) -> dict:
     gin_file, overrides, batch, length = CONFIGS[name]
     batch *= batch_scale
-    cfg = testing.gin_decoder_config(gin_file, **overrides, dtype=dtype)
+    cfg = testing.gin_decoder_config(gin_file, **overrides, dtype=dtype, remat_policy=remat)
     model = DecoderOnlyModel(Decoder(cfg))
     rng = jax.random.PRNGKey(0)
     params = nn.unbox(model.get_initial_variables(rng, {"decoder_input_tokens": (batch, length)}))[
@@ -92,6 +121,7 @@ def measure(
         "decoder_target_tokens": jnp.roll(tokens, -1, axis=1),
         "decoder_loss_weights": jnp.ones_like(tokens),
     }
+    initial_loss = float(jax.jit(model.loss_fn)(params, data, None)[0])
     step = jax.jit(
         make_train_step(model, tx, schedule, 1, False, check_finite=check_finite),
         donate_argnums=(0,),
@@ -112,6 +142,7 @@ def measure(
         "step_gflop": flops / 1e9,
         "achieved_gflops": flops / step_s / 1e9,
         "model_gflop_6nd": 6 * n_params * batch * length / 1e9,
+        "initial_loss": initial_loss,
     }
 
 
@@ -123,6 +154,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="activation dtype (params stay f32)")
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak")
     parser.add_argument("--batch_scale", type=int, default=1, help="multiplies the batch sizes")
+    parser.add_argument("--attention", default="ours", choices=("ours", "jax_xla", "jax_cudnn"))
+    parser.add_argument("--remat", default="none", help="DecoderConfig.remat_policy")
     parser.add_argument(
         "--compare_nan_check",
         action="store_true",
@@ -130,12 +163,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.attention != "ours":
+        use_jax_attention(args.attention[len("jax_") :])
     peak = matmul_peak(args.peak_n, dtype=args.dtype)
     rows = []
     checks = (True, False) if args.compare_nan_check else (True,)
     for name in args.configs.split(","):
         for check in checks:
-            row = measure(name, args.steps, args.dtype, args.batch_scale, check)
+            row = measure(name, args.steps, args.dtype, args.batch_scale, check, args.remat)
+            row.update(attention=args.attention, remat=args.remat)
             row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / peak
             row["fraction_of_peak_6nd"] = row["model_gflop_6nd"] * 1e9 / row["step_s_median"] / peak
             rows.append(row)
@@ -149,26 +185,28 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/train_throughput.py --configs={args.configs} "
         f"--steps={args.steps} --dtype={args.dtype} --peak_n={args.peak_n} "
-        f"--batch_scale={args.batch_scale}"
+        f"--batch_scale={args.batch_scale} --attention={args.attention} --remat={args.remat}"
         + (" --compare_nan_check`" if args.compare_nan_check else "`"),
         f"Machine: {machine}. Measured {args.dtype} matmul peak ({args.peak_n}^3, best of 10): "
         f"{peak / 1e9:.1f} GFLOP/s.",
         "",
         "| config | params (M) | batch x length | step (s, median) | tokens/s | GFLOP/step (XLA) "
-        "| achieved GFLOP/s (XLA) | fraction of peak (XLA) | fraction of peak (6ND) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| achieved GFLOP/s (XLA) | fraction of peak (XLA) | fraction of peak (6ND) "
+        "| initial loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['params_millions']:.1f} | {r['batch']} x {r['length']} | "
             f"{r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | {r['step_gflop']:.1f} | "
             f"{r['achieved_gflops']:.1f} | {r['fraction_of_peak']:.0%} | "
-            f"{r['fraction_of_peak_6nd']:.0%} |"
+            f"{r['fraction_of_peak_6nd']:.0%} | {r['initial_loss']:.4f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
         Path(args.output).write_text(text)
+        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
