@@ -99,7 +99,9 @@ def _temp_gib(compiled) -> float:
     return getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else 0.0
 
 
-def _setup(experiment: str, extra_bindings: list[str]):
+def _configure(experiment: str, extra_bindings: list[str]):
+    """(model, train dataset config, learning-rate multipliers, accumulation steps) of the
+    experiment's gin file with ``extra_bindings``; reads no data."""
     import tasks.smollm2  # noqa: F401 - registers the tasks the gin file names
 
     gin_file, bindings = EXPERIMENTS[experiment]
@@ -109,9 +111,12 @@ def _setup(experiment: str, extra_bindings: list[str]):
     for name in optional:  # not every run file binds them
         with contextlib.suppress(ValueError):
             optional[name] = gin_utils.query_values("train_lib.train", [name])[name]
-    ds = pipeline.get_dataset(bound["train_dataset_cfg"], shard_id=0, num_shards=1)
-    batch = {k: jnp.asarray(v) for k, v in next(pipeline.numpy_batches(ds)).items()}
-    return bound["model"], batch, *optional.values()
+    return bound["model"], bound["train_dataset_cfg"], *optional.values()
+
+
+def _first_batch(dataset_cfg) -> dict:
+    ds = pipeline.get_dataset(dataset_cfg, shard_id=0, num_shards=1)
+    return {k: jnp.asarray(v) for k, v in next(pipeline.numpy_batches(ds)).items()}
 
 
 # XLA:CPU's instruction schedulers (``--both_schedulers``): label -> XLA_FLAGS entry.
@@ -180,7 +185,7 @@ def measure(
                 use_dropout,
                 strategy,
                 differentiate=differentiate,
-            )  # fmt: skip
+            )
         )
         t0 = time.perf_counter()
         compiled = step.lower(state, batch, rng).compile()
@@ -217,10 +222,15 @@ def compare_rows(rows: list[dict], leaves: list[list[np.ndarray]]) -> None:
         )
 
 
-def measure_schedulers(args, rest: list[str]) -> list[dict]:
+TO_RECOMPUTE = ("speedup", "max_abs_param_diff")  # against another reference when joined
+BATCH_FILE = "batch.json"  # what a --save_params run writes of its batch for the report
+
+
+def measure_schedulers(args, rest: list[str]) -> tuple[list[dict], dict]:
     """``args.compare`` once per XLA:CPU scheduler, each in a subprocess with its own
-    ``XLA_FLAGS``; the rows joined and compared with the first (XLA's default scheduler)."""
-    rows, leaves = [], []
+    ``XLA_FLAGS``; the rows joined and compared with the first (XLA's default scheduler), and
+    the first subprocess's batch description (shapes, accumulation steps)."""
+    rows, leaves, batch_info = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         for label, flag in SCHEDULERS.items():
             out = Path(tmp) / f"{len(rows)}"
@@ -235,6 +245,7 @@ def measure_schedulers(args, rest: list[str]) -> list[dict]:
                 f"--output={out / 'rows.md'}", f"--save_params={out}", *rest,
             ]  # fmt: skip
             subprocess.run(command, env=env, check=True)
+            batch_info = batch_info or json.loads((out / BATCH_FILE).read_text())
             seen: dict[str, int] = {}  # the way's index within its strategy, as saved
             for row in json.loads((out / "rows.json").read_text()):
                 i = seen[row["strategy"]] = seen.get(row["strategy"], -1) + 1
@@ -249,10 +260,7 @@ def measure_schedulers(args, rest: list[str]) -> list[dict]:
         strategy_rows = [rows[i] for i in picked]
         compare_rows(strategy_rows, [leaves[i] for i in picked] if leaves else [])
         joined += strategy_rows
-    return joined
-
-
-TO_RECOMPUTE = ("speedup", "max_abs_param_diff")  # against another reference when joined
+    return joined, batch_info
 
 
 TITLES = {
@@ -316,31 +324,38 @@ def main() -> None:
     extra = [a[len("--gin.") :] for a in rest if a.startswith("--gin.")]
     if unknown := [a for a in rest if not a.startswith("--gin.")]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    remat_model = None
-    if args.compare == "remat" and not args.both_schedulers:  # the same gin + the policy
-        # (parsed first: _setup clears gin)
-        full = ["decoder.DecoderConfig.remat_policy='full'"]
-        remat_model = _setup(args.experiment, extra + full)[0]
-    model, batch, multipliers, accumulation = _setup(args.experiment, extra)
-    rows = []
-    if args.both_schedulers:
-        rows = measure_schedulers(args, rest)
-    for strategy in args.strategies.split(",") if not args.both_schedulers else []:
-        new = measure(
-            model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
-            args.save_params, accumulation,
-        )  # fmt: skip
-        print(json.dumps(new, indent=1), flush=True)
-        rows += new
+    if args.both_schedulers:  # the subprocesses read the data and build the models
+        rows, batch_info = measure_schedulers(args, rest)
+    else:
+        remat_model = None
+        if args.compare == "remat":  # the same gin + the policy (first: _configure clears gin)
+            full = ["decoder.DecoderConfig.remat_policy='full'"]
+            remat_model = _configure(args.experiment, extra + full)[0]
+        model, dataset_cfg, multipliers, accumulation = _configure(args.experiment, extra)
+        batch = _first_batch(dataset_cfg)
+        batch_info = {
+            "shapes": {k: list(v.shape) for k, v in batch.items()},
+            "accumulation": accumulation,
+        }
+        if args.save_params:
+            (Path(args.save_params) / BATCH_FILE).write_text(json.dumps(batch_info))
+        rows = []
+        for strategy in args.strategies.split(","):
+            new = measure(
+                model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
+                args.save_params, accumulation,
+            )  # fmt: skip
+            print(json.dumps(new, indent=1), flush=True)
+            rows += new
     command = "python benchmarks/phase2_step.py " + " ".join(
         [f"--compare={args.compare}", *["--both_schedulers"] * args.both_schedulers,
          f"--experiment={args.experiment}", f"--strategies={args.strategies}",
          f"--steps={args.steps}", *rest]
     )  # fmt: skip
-    shapes = {k: list(v.shape) for k, v in batch.items()}
     text = report(
-        rows, command, shapes, args.compare, args.experiment, accumulation, args.both_schedulers
-    )
+        rows, command, batch_info["shapes"], args.compare, args.experiment,
+        batch_info["accumulation"], args.both_schedulers,
+    )  # fmt: skip
     print(text)
     if args.output:
         Path(args.output).write_text(text)
