@@ -1,7 +1,7 @@
 r"""Train-step throughput and achieved FLOP/s against this machine's measured matmul peak.
 
   python benchmarks/train_throughput.py [--configs=small,100m] [--steps=5] \
-      [--dtype=bfloat16] [--batch_scale=8] [--attention=ours|jax_xla|jax_cudnn] \
+      [--dtype=bfloat16] [--batch_scale=8] [--attention=ours|xla|cudnn] \
       [--remat=none|full|minimal] [--output=results/train_throughput.md]
 
 For each config: compile the real train step (``user_llm.train.make_train_step``: forward,
@@ -15,11 +15,12 @@ estimate 6 * parameters * tokens (forward + backward, attention excluded). They 
 counts what it compiles (on GPU it misses work inside library calls such as cuBLAS GEMMs),
 6ND counts the matmul work the model needs. Read the fraction of peak with that in mind.
 
-``--attention=jax_cudnn`` (or ``jax_xla``) routes the decoder's self-attention to
-``jax.nn.dot_product_attention`` with that implementation (cuDNN's fused flash attention on an
-NVIDIA GPU), in this process only: a measurement of the lever before it is built into
-``user_llm.layers``. It holds for these batches only (full causal rows, no padding, so the
-mask is the causal one); the initial loss column shows it computes the same function.
+``--attention`` sets ``DecoderConfig.attention_implementation``: ``cudnn`` (or ``xla``) runs the
+decoder's self-attention through ``jax.nn.dot_product_attention`` with that implementation
+(cuDNN's fused flash attention on an NVIDIA GPU). The names ``jax_xla`` / ``jax_cudnn`` of the
+commands in ``results/train_throughput.md`` mean the same (there they swapped the function in
+the benchmark's process, before the model had the option). The initial loss column shows each
+computes the same function.
 ``--remat`` sets ``DecoderConfig.remat_policy``.
 """
 
@@ -58,22 +59,6 @@ CONFIGS = {
 }
 
 
-def use_jax_attention(implementation: str) -> None:
-    """The decoder's self-attention through ``jax.nn.dot_product_attention(...,
-    is_causal=True, implementation=implementation)`` for this process (see the module doc)."""
-    from user_llm import attention
-
-    ours = attention.dot_product_attention
-
-    def jax_attention(query, key, value, mask, dtype, key_bias=None):
-        if key_bias is not None or query.shape[1] != key.shape[1]:  # not a causal self-attention
-            return ours(query, key, value, mask, dtype, key_bias)
-        q, k, v = (x.astype(dtype) for x in (query, key, value))
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-
-    attention.dot_product_attention = jax_attention
-
-
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
     """Best dense matmul FLOP/s over ``repeats`` timings of an n x n x n product."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
@@ -102,10 +87,17 @@ def measure(
     batch_scale: int = 1,
     check_finite: bool = True,
     remat: str = "none",
+    attention: str = "ours",
 ) -> dict:
     gin_file, overrides, batch, length = CONFIGS[name]
     batch *= batch_scale
-    cfg = testing.gin_decoder_config(gin_file, **overrides, dtype=dtype, remat_policy=remat)
+    cfg = testing.gin_decoder_config(
+        gin_file,
+        **overrides,
+        dtype=dtype,
+        remat_policy=remat,
+        attention_implementation=attention.removeprefix("jax_"),
+    )
     model = DecoderOnlyModel(Decoder(cfg))
     rng = jax.random.PRNGKey(0)
     params = nn.unbox(model.get_initial_variables(rng, {"decoder_input_tokens": (batch, length)}))[
@@ -143,6 +135,7 @@ def measure(
         "achieved_gflops": flops / step_s / 1e9,
         "model_gflop_6nd": 6 * n_params * batch * length / 1e9,
         "initial_loss": initial_loss,
+        "attention_implementation": cfg.attention_implementation,
     }
 
 
@@ -154,7 +147,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="activation dtype (params stay f32)")
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak")
     parser.add_argument("--batch_scale", type=int, default=1, help="multiplies the batch sizes")
-    parser.add_argument("--attention", default="ours", choices=("ours", "jax_xla", "jax_cudnn"))
+    parser.add_argument(
+        "--attention",
+        default="ours",
+        choices=("ours", "xla", "cudnn", "jax_xla", "jax_cudnn"),
+        help="DecoderConfig.attention_implementation (jax_*: the same, older names)",
+    )
     parser.add_argument("--remat", default="none", help="DecoderConfig.remat_policy")
     parser.add_argument(
         "--compare_nan_check",
@@ -163,14 +161,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    if args.attention != "ours":
-        use_jax_attention(args.attention[len("jax_") :])
     peak = matmul_peak(args.peak_n, dtype=args.dtype)
     rows = []
     checks = (True, False) if args.compare_nan_check else (True,)
     for name in args.configs.split(","):
         for check in checks:
-            row = measure(name, args.steps, args.dtype, args.batch_scale, check, args.remat)
+            row = measure(
+                name, args.steps, args.dtype, args.batch_scale, check, args.remat, args.attention
+            )
             row.update(attention=args.attention, remat=args.remat)
             row["fraction_of_peak"] = row["achieved_gflops"] * 1e9 / peak
             row["fraction_of_peak_6nd"] = row["model_gflop_6nd"] * 1e9 / row["step_s_median"] / peak

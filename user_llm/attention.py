@@ -44,6 +44,9 @@ class Attention(nn.Module):
     lora_alpha: float = 16.0
     # Sow the mean attention entropy (diagnostics; kept only when "intermediates" is mutable).
     sow_entropy: bool = False
+    # layers.ATTENTION_IMPLEMENTATIONS. Cached decoding runs "cudnn" through "xla": cuDNN's
+    # fused kernel is for whole sequences, a cached step attends one query to a masked cache.
+    implementation: str = "ours"
 
     @nn.compact
     def __call__(
@@ -55,8 +58,10 @@ class Attention(nn.Module):
         decode: bool = False,
         cache_index: Array | None = None,
         key_bias: Array | None = None,
+        is_causal: bool = False,
     ) -> Array:
-        """``key_bias`` [b, heads, k]: added to every query's attention logits."""
+        """``key_bias`` [b, heads, k]: added to every query's attention logits. ``is_causal``:
+        query i is at key slot i and attends only to slots <= i, on top of ``mask``."""
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -91,10 +96,12 @@ class Attention(nn.Module):
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
 
+        implementation = self.implementation
         if decode:
             k, v = self._update_cache(k, v, cache_index)
+            implementation = "xla" if implementation == "cudnn" else implementation
 
-        out = dot_product_attention(q, k, v, mask, self.dtype, key_bias)
+        out = dot_product_attention(q, k, v, mask, self.dtype, key_bias, implementation, is_causal)
         if self.sow_entropy and self.is_mutable_collection("intermediates"):
             entropy = normalized_entropy(q, k, mask, key_bias)
             self.sow("intermediates", "attention_entropy", entropy)

@@ -26,6 +26,7 @@ import numpy as np
 
 from user_llm.attention import Attention
 from user_llm.layers import (
+    ATTENTION_IMPLEMENTATIONS,
     BATCH_LENGTH_EMBED,
     Array,
     DenseGeneral,
@@ -43,6 +44,7 @@ REMAT_POLICIES = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+CUDNN_DTYPES = ("bfloat16", "float16")
 
 
 def as_dtype(name_or_dtype: Any) -> Any:
@@ -80,6 +82,11 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # Self-attention (layers.ATTENTION_IMPLEMENTATIONS): "ours" (the CPU default: dense, blocked
+    # for long prompts), "xla" or "cudnn" (jax.nn.dot_product_attention; cuDNN's fused flash
+    # attention on an NVIDIA GPU, bfloat16/float16). Cross-attention over the user context
+    # (a few dozen keys) stays "ours".
+    attention_implementation: str = "ours"
     # Indices of layers that get a gated cross-attention block for the user context.
     cross_attention_layers: tuple[int, ...] = ()
     # Initial value of each cross-attention gate (tanh(gate) scales the block's update). 0 makes
@@ -111,6 +118,16 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(
+                f"attention_implementation={self.attention_implementation!r} not in "
+                f"{list(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if self.attention_implementation == "cudnn" and self.dtype not in CUDNN_DTYPES:
+            problems.append(
+                f"attention_implementation='cudnn' needs dtype in {list(CUDNN_DTYPES)}, "
+                f"not {self.dtype!r} (cuDNN's flash attention has no float32 kernel)"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} not in {list(REMAT_POLICIES)}")
         bad_layers = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
@@ -217,7 +234,10 @@ class DecoderLayer(nn.Module):
         decode: bool,
         deterministic: bool,
         cache_index: Array | None,
+        is_causal: bool = False,
     ) -> Array:
+        """``is_causal``: ``mask`` holds only the padding; the causal part is the attention
+        implementation's (``Decoder.__call__`` decides)."""
         cfg = self.config
         dtype, param_dtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype, param_dtype, name=name)
@@ -236,8 +256,9 @@ class DecoderLayer(nn.Module):
             param_dtype=param_dtype,
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
+            implementation=cfg.attention_implementation,
             name="self_attention",
-        )(h, mask, positions, decode=decode, cache_index=cache_index)
+        )(h, mask, positions, decode=decode, cache_index=cache_index, is_causal=is_causal)
         if cfg.use_post_norms:
             h = norm("post_self_attention_norm")(h)
         x = x + dropout(h, deterministic=deterministic)
@@ -302,8 +323,8 @@ class Decoder(nn.Module):
         layer_cls = DecoderLayer
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
-            # Arguments 6-7 (decode, deterministic; self is 0) are Python bools.
-            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(6, 7))
+            # Arguments 6-7 and 9 (decode, deterministic, is_causal; self is 0) are Python bools.
+            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(6, 7, 9))
         self.layers = [
             layer_cls(cfg, has_context_block=i in cfg.cross_attention_layers)
             for i in range(cfg.num_layers)
@@ -363,6 +384,16 @@ class Decoder(nn.Module):
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
             mask = attention_mask(segment_ids, prefix_mask, input_mask, length)
+        # A plain causal pass lets jax.nn.dot_product_attention apply causality itself (cuDNN
+        # then skips the masked half): only the padded keys are left in the mask.
+        is_causal = (
+            self.config.attention_implementation != "ours"
+            and not decode
+            and segment_ids is None
+            and prefix_mask is None
+        )
+        if is_causal:
+            mask = None if input_mask is None else input_mask.astype(bool)[:, None, :]
 
         x = self.embedding_dropout(x, deterministic=deterministic)
         for layer in self.layers:
@@ -375,6 +406,7 @@ class Decoder(nn.Module):
                 decode,
                 deterministic,
                 cache_index,
+                is_causal,
             )
         x = self.final_norm(x)
         if logits_index is not None:

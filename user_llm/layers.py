@@ -182,6 +182,13 @@ def distance_from_last(mask: Array) -> Array:
     return jnp.maximum(last[:, None] - jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :], 0)
 
 
+# How attention is computed (``DecoderConfig.attention_implementation``):
+# - "ours": the einsum below, and ``blocked_attention`` for long sequences (the CPU default);
+# - "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that implementation; "cudnn" is
+#   cuDNN's fused flash attention on NVIDIA GPUs (bfloat16 or float16 only).
+ATTENTION_IMPLEMENTATIONS = ("ours", "xla", "cudnn")
+
+
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -189,6 +196,8 @@ def dot_product_attention(
     mask: Array | None,
     dtype: DType,
     key_bias: Array | None = None,
+    implementation: str = "ours",
+    is_causal: bool = False,
 ) -> Array:
     """Grouped-query attention; softmax in float32. Long sequences go to the memory-efficient
     ``blocked_attention`` (same result; rows with no key to attend give zeros there).
@@ -196,7 +205,28 @@ def dot_product_attention(
     query: [b, q, heads, d]; key/value: [b, k, kv_heads, d]; mask: broadcastable to [b, q, k]
     (True = attend). heads must be a multiple of kv_heads. key_bias: [b, heads, k], added to
     every query's logits (cross-attention's recency prior; not for blocked attention).
+    ``is_causal`` (query i at key slot i) adds the causal mask to ``mask``: an implementation
+    that knows it (cuDNN) skips the masked half instead of reading a mask.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if implementation != "ours":
+        bias = None if key_bias is None else key_bias[:, :, None, :].astype(dtype)
+        out = jax.nn.dot_product_attention(
+            query.astype(dtype),
+            key.astype(dtype),
+            value.astype(dtype),
+            bias=bias,
+            mask=None if mask is None else jnp.expand_dims(mask, 1),  # [b, 1, q, k]
+            is_causal=is_causal,
+            implementation=implementation,
+        )
+        return out.astype(dtype)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))[None]
+        mask = causal if mask is None else causal & mask
     b, q_len, num_heads, head_dim = query.shape
     if q_len * key.shape[1] >= blocked_attention.MIN_BLOCKED_PAIRS:  # long prompts
         if key_bias is not None:
