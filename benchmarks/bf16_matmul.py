@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import CPU_FLAGS, cpu_info
 
 # Each: (name, XLA_FLAGS added). All exist in jaxlib 0.10.2's flag table.
 VARIANTS = (
@@ -42,23 +43,6 @@ VARIANTS = (
     ("fast math", "--xla_cpu_enable_fast_math=true"),
     ("legacy runtime", "--xla_cpu_use_thunk_runtime=false"),
 )
-CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-
-
-def cpu_info() -> dict:
-    """The CPU's model name and which of ``CPU_FLAGS`` it has (Linux; empty elsewhere)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", "x86_64", ""):
-                model = value.strip()
-            if key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), **{f: f in flags for f in CPU_FLAGS}}
 
 
 def measure_jax(sizes: list[int], runs: int) -> dict:

@@ -4,6 +4,7 @@ says which options failed instead of inventing a rate."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_matmul.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # its ``from machine import``
     spec = importlib.util.spec_from_file_location("bf16_matmul", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
