@@ -1,7 +1,8 @@
 r"""Train-step cost of ways to compute the same step, on the main job's real batches.
 
   python benchmarks/phase2_step.py \
-      [--compare=differentiate|loss_positions|remat|combined] [--both_schedulers] \
+      [--compare=differentiate|loss_positions|remat|combined|length_bucket] \
+      [--both_schedulers] \
       [--experiment=user_llm|tp|tp_tiny] [--strategies=proj,enc] [--steps=5] \
       [--output=results/phase2_step.md] [--gin.NAME=VALUE ...]
 
@@ -21,14 +22,19 @@ the real train step (``user_llm.train_step.make_train_step``) both ways:
   pass instead of kept: the memory of a long text prompt's LoRA step against its time);
 - ``--compare=combined``: the step as issue 13 found it (every weight gradient, logits at
   every position) against both levers together (trained parameters only, logits at the loss
-  positions).
+  positions);
+- ``--compare=length_bucket``: the batch at the task's full decoder length against the same
+  batch cut to its longest row rounded up to the run file's ``DatasetConfig.length_bucket``
+  (64 where it sets none).
 
 ``--both_schedulers`` runs the comparison once under XLA:CPU's default concurrency-optimized
 instruction scheduler and once under its memory-optimized one (``user_llm.xla_options``, what
 the entry points choose), each in its own subprocess: XLA reads the option from ``XLA_FLAGS``
 when its backend starts (a per-compile ``compiler_options`` entry is accepted but does not
 change the schedule). The concurrency scheduler runs the rematerialized forward of every layer
-before the backward pass, so under it remat saves almost no memory.
+before the backward pass, so under it remat saves almost no memory. Without
+``--both_schedulers`` the comparison runs under the memory-optimized one, as training does
+(unless ``XLA_FLAGS`` choose a scheduler).
 
 All ways start from the same state; the trained parameters after one step are compared with
 the first way's (they must agree to float32 round-off), then each step is timed. XLA's FLOP
@@ -126,14 +132,32 @@ SCHEDULERS = {
 }
 
 
-def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object, str]]:
-    """The (label, model, differentiate) ways of computing the same step (``remat_model``: the
-    same model built with ``remat_policy='full'``, for ``--compare=remat``); the first is the
-    reference."""
+def ways(
+    model, batch, compare: str, remat_model=None, length_bucket: int = 64
+) -> list[tuple[str, object, str, dict]]:
+    """The (label, model, differentiate, batch) ways of computing the same step
+    (``remat_model``: the same model built with ``remat_policy='full'``, for
+    ``--compare=remat``; ``length_bucket``: the positions ``--compare=length_bucket`` rounds
+    the longest row up to); the first is the reference."""
     if compare == "remat":
-        return [("no remat", model, "trainable"), ("remat full", remat_model, "trainable")]
+        return [
+            ("no remat", model, "trainable", batch),
+            ("remat full", remat_model, "trainable", batch),
+        ]
     if compare == "differentiate":
-        return [("all", model, "all"), ("trainable", model, "trainable")]
+        return [("all", model, "all", batch), ("trainable", model, "trainable", batch)]
+    if compare == "length_bucket":
+        full = batch["decoder_input_tokens"].shape[1]
+        cut = pipeline.bucketed_length({k: np.asarray(v) for k, v in batch.items()}, length_bucket)
+        return [
+            (f"full length ({full})", model, "trainable", batch),
+            (
+                f"cut to {cut} ({length_bucket}-position buckets)",
+                model,
+                "trainable",
+                pipeline.cut_length(batch, cut),
+            ),
+        ]
     every, few = copy.copy(model), copy.copy(model)
     every.loss_positions = None
     few.loss_positions = int(np.max(np.sum(np.asarray(batch["decoder_loss_weights"]) > 0, 1)))
@@ -141,12 +165,12 @@ def ways(model, batch, compare: str, remat_model=None) -> list[tuple[str, object
         few.loss_positions = model.loss_positions
     if compare == "combined":
         return [
-            ("all gradients, every position (issue 13's step)", every, "all"),
-            (f"trainable, loss positions ({few.loss_positions})", few, "trainable"),
+            ("all gradients, every position (issue 13's step)", every, "all", batch),
+            (f"trainable, loss positions ({few.loss_positions})", few, "trainable", batch),
         ]
     return [
-        ("every position", every, "trainable"),
-        (f"loss positions ({few.loss_positions})", few, "trainable"),
+        ("every position", every, "trainable", batch),
+        (f"loss positions ({few.loss_positions})", few, "trainable", batch),
     ]
 
 
@@ -160,6 +184,7 @@ def measure(
     remat_model=None,
     save_params: str = "",
     accumulation_steps: int = 1,
+    length_bucket: int = 64,
 ) -> list[dict]:
     """One row per way; ``save_params``: also write each way's parameters after one step to
     ``<save_params>/<strategy>_<i>.npz`` (``--both_schedulers`` compares across processes).
@@ -175,7 +200,9 @@ def measure(
     rng = jax.random.PRNGKey(1)
     rows, after = [], {}
     use_dropout = getattr(getattr(model.module, "config", None), "dropout_rate", 0.0) > 0
-    for which, way_model, differentiate in ways(model, batch, compare, remat_model):
+    for which, way_model, differentiate, way_batch in ways(
+        model, batch, compare, remat_model, length_bucket
+    ):
         step = jax.jit(
             make_train_step(
                 way_model,
@@ -188,7 +215,7 @@ def measure(
             )
         )
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch, rng).compile()
+        compiled = step.lower(state, way_batch, rng).compile()
         compile_s = time.perf_counter() - t0
         rows.append({
             "strategy": strategy, "way": which, "compile_s": compile_s,
@@ -197,7 +224,7 @@ def measure(
         if not steps:  # compile only: the cost and memory XLA plans, with nothing run
             continue
         # The warm-up step's state is the one compared below.
-        new_state, _, step_s = timing.timed_steps(compiled, state, batch, rng, steps)
+        new_state, _, step_s = timing.timed_steps(compiled, state, way_batch, rng, steps)
         after[which] = new_state["params"]
         rows[-1].update({
             "step_s_median": step_s, "steps_per_s": 1 / step_s,
@@ -268,6 +295,7 @@ TITLES = {
     "loss_positions": "logits at the loss positions only",
     "remat": "layer rematerialization (memory against time)",
     "combined": "issue 13's step against the levers together",
+    "length_bucket": "the batch at the task's full length against its bucketed length",
 }
 
 
@@ -327,6 +355,7 @@ def main() -> None:
     if args.both_schedulers:  # the subprocesses read the data and build the models
         rows, batch_info = measure_schedulers(args, rest)
     else:
+        xla_options.prefer_memory_scheduler()  # as the entry points do, unless XLA_FLAGS choose
         remat_model = None
         if args.compare == "remat":  # the same gin + the policy (first: _configure clears gin)
             full = ["decoder.DecoderConfig.remat_policy='full'"]
@@ -343,7 +372,7 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             new = measure(
                 model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
-                args.save_params, accumulation,
+                args.save_params, accumulation, dataset_cfg.length_bucket or 64,
             )  # fmt: skip
             print(json.dumps(new, indent=1), flush=True)
             rows += new

@@ -55,6 +55,15 @@ def _global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Shardi
     }
 
 
+def _agreed_length(length: int) -> int:
+    """The longest of every process's batch length: the global batch has one shape."""
+    if jax.process_count() == 1:
+        return length
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(length))))
+
+
 def _abstract_init(model, optimizer, input_shapes, input_types, rng):
     """Boxed (logical-axis) abstract train state, for shapes and shardings without compute."""
 
@@ -182,9 +191,7 @@ def train(
     input_shapes = {k: (micro,) + tuple(v.shape[1:]) for k, v in spec.items()}
     input_types = {k: v.dtype.as_numpy_dtype for k, v in spec.items()}
     # Throughput: examples for every model, plus (padded) tokens for LMs.
-    tokens_per_batch = None
-    if "decoder_input_tokens" in input_shapes:
-        tokens_per_batch = train_dataset_cfg.batch_size * input_shapes["decoder_input_tokens"][1]
+    counts_tokens = "decoder_input_tokens" in input_shapes
 
     # -- Model, optimizer and sharded state ---------------------------------------------------
     rng = jax.random.PRNGKey(seed)
@@ -320,8 +327,15 @@ def train(
     # Each step is checked once: at once when it is logged, saved or last, else one step late
     # (while the next step runs), so dispatch stays asynchronous.
     unchecked: tuple[int, Any] | None = None
+    tokens_since_log = 0
     for step in range(start_step, num_train_steps):
-        batch = _global_batch(next(train_iter), batch_sharding)
+        batch = next(train_iter)
+        if train_dataset_cfg.length_bucket:
+            length = pipeline.bucketed_length(batch, train_dataset_cfg.length_bucket)
+            batch = pipeline.cut_length(batch, _agreed_length(length))
+        if counts_tokens:
+            tokens_since_log += batch["decoder_input_tokens"].size * jax.process_count()
+        batch = _global_batch(batch, batch_sharding)
         with nn.logical_axis_rules(rules):
             state, metrics = jit_step(state, batch, step_rng)
         done = step + 1
@@ -344,8 +358,9 @@ def train(
             rate = (done - last_step) / elapsed
             metrics["steps_per_sec"] = rate
             metrics["examples_per_sec"] = rate * train_dataset_cfg.batch_size
-            if tokens_per_batch:
-                metrics["tokens_per_sec"] = rate * tokens_per_batch
+            if counts_tokens:  # padded tokens, at each batch's (bucketed) length
+                metrics["tokens_per_sec"] = tokens_since_log / elapsed
+                tokens_since_log = 0
             remaining = (num_train_steps - done) / max(rate, 1e-9)
             _log(writer, done, metrics, "train")
             if distributed.is_main_process():

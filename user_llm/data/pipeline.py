@@ -38,6 +38,12 @@ class DatasetConfig:
     converter: str = "decoder"
     # Further features the user_* converters keep (e.g. ("candidate_item_index",)).
     passthrough_features: tuple[str, ...] = ()
+    # > 0: the train loop cuts each batch's decoder_* arrays to the longest row's length rounded
+    # up to a multiple of this (never past the task's feature length), so a batch of short
+    # prompts runs at its own length instead of the longest possible one. Rows are unchanged
+    # up to trailing padding, which a causal decoder's real positions never attend to; each
+    # distinct length compiles the step once. 0: every batch at the full feature length.
+    length_bucket: int = 0
 
 
 CONVERTERS = ("decoder", "prefix_lm", "user_prefix_lm", "user_features")
@@ -134,6 +140,32 @@ def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     """Iterates a batched dataset as dicts of numpy arrays."""
     for batch in ds.as_numpy_iterator():
         yield dict(batch)
+
+
+def bucketed_length(batch: Mapping[str, np.ndarray], multiple: int) -> int:
+    """The decoder length a batch needs: one past its last non-zero column in any ``decoder_*``
+    array (SeqIO's converters pad every one of them with zeros), rounded up to ``multiple``
+    and capped at the arrays' length."""
+    if multiple <= 0:
+        raise ValueError(f"length_bucket must be a positive number of positions, not {multiple}")
+    arrays = [v for k, v in batch.items() if k.startswith("decoder_") and v.ndim >= 2]
+    if not arrays:
+        raise ValueError(f"length_bucket needs decoder_* arrays; the batch has {sorted(batch)}")
+    full = arrays[0].shape[1]
+    used = np.zeros(full, bool)
+    for v in arrays:
+        used |= np.any(v.reshape(v.shape[0], full, -1) != 0, axis=(0, 2))
+    needed = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+    return min(full, -(-needed // multiple) * multiple)
+
+
+def cut_length(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """``batch`` with every ``decoder_*`` array cut to ``length`` positions (others as they
+    are: a User-LLM batch's user_* history has its own length)."""
+    return {
+        k: v[:, :length] if k.startswith("decoder_") and v.ndim >= 2 else v
+        for k, v in batch.items()
+    }
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> tuple[dict[str, Any], int]:
