@@ -146,9 +146,12 @@ def report(cpu: dict, rows: dict, torch_row: dict | None, sizes: list[int], cmd:
         name = f"torch {torch_row.get('torch', '')}".strip()
         lines.append(_table_row(name, torch_row, head, sizes[-1]))
     errs = [
-        row[h]["max_rel_err"] for row in rows.values() if "error" not in row for h in head
+        row[h]["max_rel_err"]
+        for row in rows.values()
+        if "error" not in row
+        for h in head
         if h.startswith("bfloat16")
-    ]  # fmt: skip
+    ]
     if errs:
         lines += [
             "",

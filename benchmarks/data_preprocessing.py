@@ -87,7 +87,7 @@ def generate_movielens(
                 ("rating", pa.float64()),
                 ("timestamp", pa.int64()),
             ]
-        ),  # fmt: skip
+        ),
         write_options=options,
     ) as writer:
         chunk = 5000
@@ -178,14 +178,27 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     num_users = args.num_users or max(int(138_000 * args.num_ratings / 20_000_000), 10)
     if args.part == "all":
-        machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                   "platform": platform.platform()}  # fmt: skip
+        machine = {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        }
         print(json.dumps({"machine": machine}))
         for part in ("small", "synthetic"):
-            cmd = [sys.executable, __file__, "--part", part,
-                   "--num_ratings", str(args.num_ratings), "--num_users", str(num_users),
-                   "--num_movies", str(args.num_movies),
-                   "--history_length", str(args.history_length)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--part",
+                part,
+                "--num_ratings",
+                str(args.num_ratings),
+                "--num_users",
+                str(num_users),
+                "--num_movies",
+                str(args.num_movies),
+                "--history_length",
+                str(args.history_length),
+            ]
             subprocess.run(cmd, check=True, cwd=REPO_ROOT)
         return
     sys.path.insert(0, str(REPO_ROOT))

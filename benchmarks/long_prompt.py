@@ -87,9 +87,14 @@ def _old_score_and_predict(model, params, batch, candidates, max_decode_length):
     token_logp = jnp.take_along_axis(logp, flat[..., None], axis=-1)[..., 0]
     scores = jnp.sum(token_logp * (flat != 0), axis=-1).reshape(b, num)
     tokens, _ = decoding.decode(
-        append, prompts, lengths, cache, max_decode_length=max_decode_length,
-        eos_id=model.eos_id, prefill_fn=lambda *_: (logits, cache),
-    )  # fmt: skip
+        append,
+        prompts,
+        lengths,
+        cache,
+        max_decode_length=max_decode_length,
+        eos_id=model.eos_id,
+        prefill_fn=lambda *_: (logits, cache),
+    )
     return scores, tokens
 
 
@@ -233,9 +238,11 @@ def main() -> None:
     from user_llm import checkpoints, gin_utils
 
     bindings = [
-        f'LLM_CHECKPOINT="{args.llm_checkpoint}"', f'MODEL_DIR="{args.llm_checkpoint}"',
-        "LORA_RANK=0", 'MIXTURE_OR_TASK_NAME="movielens_tpchat_h50_smollm2"',
-    ]  # fmt: skip
+        f'LLM_CHECKPOINT="{args.llm_checkpoint}"',
+        f'MODEL_DIR="{args.llm_checkpoint}"',
+        "LORA_RANK=0",
+        'MIXTURE_OR_TASK_NAME="movielens_tpchat_h50_smollm2"',
+    ]
     gin_utils.parse_gin(
         ["experiments/movielens_tp_smollm2.gin"], bindings, list(gin_utils.DEFAULT_SEARCH_PATHS)
     )

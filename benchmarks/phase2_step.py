@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import timing
+from machine import describe_cpu
 
 from user_llm import gin_utils, optimizers, strategies, xla_options
 from user_llm.data import pipeline
@@ -217,19 +218,27 @@ def measure(
         t0 = time.perf_counter()
         compiled = step.lower(state, way_batch, rng).compile()
         compile_s = time.perf_counter() - t0
-        rows.append({
-            "strategy": strategy, "way": which, "compile_s": compile_s,
-            "step_gflop": _flops(compiled) / 1e9, "temp_gib": _temp_gib(compiled),
-        })  # fmt: skip
+        rows.append(
+            {
+                "strategy": strategy,
+                "way": which,
+                "compile_s": compile_s,
+                "step_gflop": _flops(compiled) / 1e9,
+                "temp_gib": _temp_gib(compiled),
+            }
+        )
         if not steps:  # compile only: the cost and memory XLA plans, with nothing run
             continue
         # The warm-up step's state is the one compared below.
         new_state, _, step_s = timing.timed_steps(compiled, state, way_batch, rng, steps)
         after[which] = new_state["params"]
-        rows[-1].update({
-            "step_s_median": step_s, "steps_per_s": 1 / step_s,
-            "examples_per_s": batch["decoder_input_tokens"].shape[0] / step_s,
-        })  # fmt: skip
+        rows[-1].update(
+            {
+                "step_s_median": step_s,
+                "steps_per_s": 1 / step_s,
+                "examples_per_s": batch["decoder_input_tokens"].shape[0] / step_s,
+            }
+        )
     leaves = [[np.asarray(x) for x in jax.tree_util.tree_leaves(p)] for p in after.values()]
     if save_params:
         for i, way_leaves in enumerate(leaves):
@@ -266,11 +275,16 @@ def measure_schedulers(args, rest: list[str]) -> tuple[list[dict], dict]:
             others = [f for f in others if xla_options.SCHEDULER_OPTION not in f]
             env = dict(os.environ, XLA_FLAGS=" ".join([*others, flag]))
             command = [
-                sys.executable, __file__, f"--compare={args.compare}",
-                f"--experiment={args.experiment}", f"--strategies={args.strategies}",
+                sys.executable,
+                __file__,
+                f"--compare={args.compare}",
+                f"--experiment={args.experiment}",
+                f"--strategies={args.strategies}",
                 f"--steps={args.steps}",
-                f"--output={out / 'rows.md'}", f"--save_params={out}", *rest,
-            ]  # fmt: skip
+                f"--output={out / 'rows.md'}",
+                f"--save_params={out}",
+                *rest,
+            ]
             subprocess.run(command, env=env, check=True)
             batch_info = batch_info or json.loads((out / BATCH_FILE).read_text())
             seen: dict[str, int] = {}  # the way's index within its strategy, as saved
@@ -313,7 +327,8 @@ def report(
         + (", under each of XLA:CPU's two schedulers" if both_schedulers else ""),
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {jax.device_count()} {jax.default_backend()} "
+        f"Machine: {platform.machine()} ({describe_cpu()}), {jax.device_count()} "
+        f"{jax.default_backend()} "
         f"device(s), jax {jax.__version__}, float32. Batch (one real training batch of the "
         f"experiment's task): {batch_shape}"
         + (f", in {micro} microbatches (the run file's accumulation_steps)." if micro > 1 else "."),
@@ -371,20 +386,38 @@ def main() -> None:
         rows = []
         for strategy in args.strategies.split(","):
             new = measure(
-                model, batch, multipliers, strategy, args.steps, args.compare, remat_model,
-                args.save_params, accumulation, dataset_cfg.length_bucket or 64,
-            )  # fmt: skip
+                model,
+                batch,
+                multipliers,
+                strategy,
+                args.steps,
+                args.compare,
+                remat_model,
+                args.save_params,
+                accumulation,
+                dataset_cfg.length_bucket or 64,
+            )
             print(json.dumps(new, indent=1), flush=True)
             rows += new
     command = "python benchmarks/phase2_step.py " + " ".join(
-        [f"--compare={args.compare}", *["--both_schedulers"] * args.both_schedulers,
-         f"--experiment={args.experiment}", f"--strategies={args.strategies}",
-         f"--steps={args.steps}", *rest]
-    )  # fmt: skip
+        [
+            f"--compare={args.compare}",
+            *["--both_schedulers"] * args.both_schedulers,
+            f"--experiment={args.experiment}",
+            f"--strategies={args.strategies}",
+            f"--steps={args.steps}",
+            *rest,
+        ]
+    )
     text = report(
-        rows, command, batch_info["shapes"], args.compare, args.experiment,
-        batch_info["accumulation"], args.both_schedulers,
-    )  # fmt: skip
+        rows,
+        command,
+        batch_info["shapes"],
+        args.compare,
+        args.experiment,
+        batch_info["accumulation"],
+        args.both_schedulers,
+    )
     print(text)
     if args.output:
         Path(args.output).write_text(text)

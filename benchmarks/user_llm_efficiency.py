@@ -89,15 +89,26 @@ def measure(llm: str, length: int, tokens_per_item: int, repeats: int) -> dict:
         lambda p, t: decoder.apply({"params": p}, t)[:, -1], (dec_params, tp_tokens), repeats
     )
 
-    row = {"history_length": length, "tp_tokens": int(tp_tokens.shape[1]),
-           "tp_gflop": tp_flops / 1e9, "tp_ms": tp_s * 1e3}  # fmt: skip
+    row = {
+        "history_length": length,
+        "tp_tokens": int(tp_tokens.shape[1]),
+        "tp_gflop": tp_flops / 1e9,
+        "tp_ms": tp_s * 1e3,
+    }
     every = 4
     xattn = tuple(i for i in range(base.num_layers) if (i + 1) % every == 0)
     for name, integ in (
         ("userllm", IntegrationConfig()),
-        ("userllm_perceiver", IntegrationConfig(use_perceiver=True, perceiver=PerceiverConfig(
-            num_latents=16, num_layers=2, num_heads=4, head_dim=64, mlp_dim=1024))),
-    ):  # fmt: skip
+        (
+            "userllm_perceiver",
+            IntegrationConfig(
+                use_perceiver=True,
+                perceiver=PerceiverConfig(
+                    num_latents=16, num_layers=2, num_heads=4, head_dim=64, mlp_dim=1024
+                ),
+            ),
+        ),
+    ):
         module = UserLLM(dataclasses.replace(base, cross_attention_layers=xattn), ENCODER, integ)
         feats = user_features(length)
         params = nn.unbox(module.init(rng, instruction, user_features=feats))["params"]
@@ -126,20 +137,39 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     x = [r["history_length"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in (("tp", "TP"), ("userllm", "User-LLM"),
-                       ("userllm_perceiver", "User-LLM + Perceiver")):  # fmt: skip
+    for key, label in (
+        ("tp", "TP"),
+        ("userllm", "User-LLM"),
+        ("userllm_perceiver", "User-LLM + Perceiver"),
+    ):
         left.plot(x, [r[f"{key}_gflop"] for r in rows], "o-", label=label)
-    left.set(yscale="log", xlabel="history length (items)", ylabel="GFLOPs per example",
-             title="(a) compute per example")  # fmt: skip
-    for key, label, color in (("userllm", "User-LLM", "C1"),
-                              ("userllm_perceiver", "User-LLM + Perceiver", "C2")):  # fmt: skip
-        right.plot(x, [r[f"{key}_flop_ratio"] for r in rows], "o-", color=color,
-                   label=f"FLOPs, {label}")  # fmt: skip
-        right.plot(x, [r[f"{key}_latency_ratio"] for r in rows], "s:", color=color,
-                   label=f"latency, {label}")  # fmt: skip
+    left.set(
+        yscale="log",
+        xlabel="history length (items)",
+        ylabel="GFLOPs per example",
+        title="(a) compute per example",
+    )
+    for key, label, color in (
+        ("userllm", "User-LLM", "C1"),
+        ("userllm_perceiver", "User-LLM + Perceiver", "C2"),
+    ):
+        right.plot(
+            x, [r[f"{key}_flop_ratio"] for r in rows], "o-", color=color, label=f"FLOPs, {label}"
+        )
+        right.plot(
+            x,
+            [r[f"{key}_latency_ratio"] for r in rows],
+            "s:",
+            color=color,
+            label=f"latency, {label}",
+        )
     right.axhline(PAPER_RATIO, color="gray", linestyle="--", label=f"paper: {PAPER_RATIO}x")
-    right.set(yscale="log", xlabel="history length (items)", ylabel="TP / User-LLM",
-              title="(b) TP / User-LLM ratio")  # fmt: skip
+    right.set(
+        yscale="log",
+        xlabel="history length (items)",
+        ylabel="TP / User-LLM",
+        title="(b) TP / User-LLM ratio",
+    )
     for ax in (left, right):
         ax.set_xticks(x)
         ax.grid(True, which="both", alpha=0.3)

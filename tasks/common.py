@@ -126,8 +126,11 @@ def is_user_llm_task(name: str) -> bool:
 
 def user_llm_tasks() -> dict[str, TaskInfo]:
     """{name: info} of every registered built-in User-LLM task."""
-    return {n: t.info for n in seqio.TaskRegistry.names()
-            if isinstance(t := seqio.TaskRegistry.get(n), UserLLMTask)}  # fmt: skip
+    return {
+        n: t.info
+        for n in seqio.TaskRegistry.names()
+        if isinstance(t := seqio.TaskRegistry.get(n), UserLLMTask)
+    }
 
 
 def task_info(name: str) -> TaskInfo:

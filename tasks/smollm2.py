@@ -72,8 +72,13 @@ def _register_chat_tasks() -> list[str]:
     for name, info in common.user_llm_tasks().items():
         if not name.endswith(SUFFIX) or info.form != "tp":
             continue
-        chat = common.task_name(info.family.name, info.family.task_label(info.task), "tpchat",
-                                info.history_length, SUFFIX)  # fmt: skip
+        chat = common.task_name(
+            info.family.name,
+            info.family.task_label(info.task),
+            "tpchat",
+            info.history_length,
+            SUFFIX,
+        )
         names.append(chat)
         if chat in seqio.TaskRegistry.names():
             continue

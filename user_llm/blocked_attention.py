@@ -51,8 +51,12 @@ def blocked_attention(
     block_q, block_k = min(block_q or BLOCK, q_len), min(block_k or BLOCK, k_len)
     nq, nk = -(-q_len // block_q), -(-k_len // block_k)
     mask = jnp.ones((b, q_len, k_len), bool) if mask is None else mask
-    mask = _pad_axis(_pad_axis(jnp.broadcast_to(mask, (b, q_len, k_len)), 1, nq * block_q), 2,
-                     nk * block_k, False)  # fmt: skip
+    mask = _pad_axis(
+        _pad_axis(jnp.broadcast_to(mask, (b, q_len, k_len)), 1, nq * block_q),
+        2,
+        nk * block_k,
+        False,
+    )
     scale = np.float32(1.0 / np.sqrt(head_dim))
     # [nq, b, kv, groups * block_q, d]: one tile's queries of a KV head in one matmul.
     q = _pad_axis(query.astype(jnp.float32) * scale, 1, nq * block_q)

@@ -352,9 +352,19 @@ class UserLLM(nn.Module):
                 return_hidden=return_hidden,
             )
         return self._soft_prompt(
-            tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-            prepend_soft_prompt, decode, deterministic, logits_index, return_hidden,
-        )  # fmt: skip
+            tokens,
+            positions,
+            segment_ids,
+            prefix_mask,
+            input_mask,
+            context,
+            context_mask,
+            prepend_soft_prompt,
+            decode,
+            deterministic,
+            logits_index,
+            return_hidden,
+        )
 
     def token_logits(self, hidden: Array) -> Array:
         """The LLM's vocabulary logits of final hidden states (``return_hidden``'s output)."""
@@ -382,9 +392,20 @@ class UserLLM(nn.Module):
         )
 
     def _soft_prompt(
-        self, tokens, positions, segment_ids, prefix_mask, input_mask, context, context_mask,
-        prepend, decode, deterministic, logits_index=None, return_hidden=False,
-    ) -> Array:  # fmt: skip
+        self,
+        tokens,
+        positions,
+        segment_ids,
+        prefix_mask,
+        input_mask,
+        context,
+        context_mask,
+        prepend,
+        decode,
+        deterministic,
+        logits_index=None,
+        return_hidden=False,
+    ) -> Array:
         if segment_ids is not None and (prepend or not decode):
             raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
         batch, length = tokens.shape
@@ -396,10 +417,16 @@ class UserLLM(nn.Module):
         embeddings = self.decoder.embed(tokens)
         if not prepend:
             return self.decoder(
-                tokens, positions=positions, segment_ids=segment_ids, input_mask=token_mask,
-                input_embeddings=embeddings, decode=decode, deterministic=deterministic,
-                logits_index=logits_index, return_hidden=return_hidden,
-            )  # fmt: skip
+                tokens,
+                positions=positions,
+                segment_ids=segment_ids,
+                input_mask=token_mask,
+                input_embeddings=embeddings,
+                decode=decode,
+                deterministic=deterministic,
+                logits_index=logits_index,
+                return_hidden=return_hidden,
+            )
         soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
         full_prefix = None
         if prefix_mask is not None:

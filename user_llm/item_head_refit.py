@@ -81,8 +81,11 @@ def teacher_scores(model: Any, params: Params, examples: Mapping[str, np.ndarray
     distillation target, as phase 2 uses it."""
     return _batched(
         lambda p, u: model.module.apply({"params": p}, u, method="encoder_item_scores"),
-        params, examples, batch_size, user_features,
-    )  # fmt: skip
+        params,
+        examples,
+        batch_size,
+        user_features,
+    )
 
 
 def encoder_head_scores(
@@ -99,8 +102,11 @@ def encoder_head_scores(
 
     return _batched(
         lambda p, u: model.module.apply({"params": p}, u, method=scores),
-        params, examples, batch_size, user_features,
-    )  # fmt: skip
+        params,
+        examples,
+        batch_size,
+        user_features,
+    )
 
 
 def next_item_ids(examples: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -324,9 +330,17 @@ def refit(
     heads, fits = {}, {}
     for name, options in variants.items():
         heads[name], fits[name] = fit_item_head(
-            model, params, states, targets, holdout, teacher, distill_weight, steps,
-            learning_rate, **options,
-        )  # fmt: skip
+            model,
+            params,
+            states,
+            targets,
+            holdout,
+            teacher,
+            distill_weight,
+            steps,
+            learning_rate,
+            **options,
+        )
         log(f"{name}: { {k: v for k, v in fits[name].items() if k != 'curve'} }")
     head = heads["refitted head"]
     systems = {

@@ -158,7 +158,10 @@ def _tp_answer(task: str, feature_lengths, split: str, index: int, tp) -> str:
         prompt = prompt[:-1]
     # Position 0 holds token 0, as the prefix-LM converter lays out training and evaluation.
     ids = generate.generate_ids(
-        cfg, params, [[0, *prompt]], max_decode_length=feature_lengths["targets"],
+        cfg,
+        params,
+        [[0, *prompt]],
+        max_decode_length=feature_lengths["targets"],
         eos_id=tokenizer.eos_id,
-    )[0]  # fmt: skip
+    )[0]
     return tokenizer.decode(ids, skip_special_tokens=True)

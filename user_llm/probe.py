@@ -96,8 +96,10 @@ def probe(model, params, task: str, steps: int = 500) -> dict[str, object]:
     predicted = classes[np.argmax(((x["test"] - mean) / std) @ w + b, axis=1)]
     majority = classes[np.argmax(np.bincount(y_train, minlength=len(classes)))]
     out: dict[str, object] = {"task": task, "num_train": len(y_train)}
-    for name, hits in (("probe_accuracy", predicted == labels["test"]),
-                       ("majority_accuracy", labels["test"] == majority)):  # fmt: skip
+    for name, hits in (
+        ("probe_accuracy", predicted == labels["test"]),
+        ("majority_accuracy", labels["test"] == majority),
+    ):
         point, low, high = metrics.bootstrap_ci(100.0 * hits)
         out[name], out[f"{name}_ci95"] = point, [low, high]
     out["num_test"], out["majority"] = len(predicted), str(majority)

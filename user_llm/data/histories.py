@@ -312,9 +312,17 @@ def global_pass(
         rows, categories, item_ids, config.min_item_count
     )
     return HistoryTables(
-        config, rows, categories, vocabularies, item_to_id, genre_to_id, user_ids, item_ids,
-        item_titles, num_dropped,
-    )  # fmt: skip
+        config,
+        rows,
+        categories,
+        vocabularies,
+        item_to_id,
+        genre_to_id,
+        user_ids,
+        item_ids,
+        item_titles,
+        num_dropped,
+    )
 
 
 def histories_from_tables(t: HistoryTables, splits: tuple[str, ...] = SPLITS) -> Histories:

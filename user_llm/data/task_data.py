@@ -51,9 +51,12 @@ def read_tables(
     interactions, items, report = readers.load(dataset, data_dir, lenient=lenient, **reader_kw)
     if report.rows_skipped:  # in every training and eval log, so a loss is never silent
         logging.warning(
-            "%s: read %d rows from %s, dropped %s", dataset, report.rows_read,
-            data_dir or "the bundled data", report.rows_skipped,
-        )  # fmt: skip
+            "%s: read %d rows from %s, dropped %s",
+            dataset,
+            report.rows_read,
+            data_dir or "the bundled data",
+            report.rows_skipped,
+        )
     tables = global_pass(interactions, items, config)
     return tables, interactions["review_text"].to_numpy(dtype=object)
 

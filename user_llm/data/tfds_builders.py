@@ -314,14 +314,35 @@ class UserLlmAmazonReviews(_HistoriesBuilder):
     DATASET = "amazon_reviews"
     SOURCE_KW = "categories"
     SOURCES = (
-        "all", "All_Beauty", "Arts_Crafts_and_Sewing", "Automotive", "Baby_Products",
-        "Beauty_and_Personal_Care", "Books", "CDs_and_Vinyl", "Cell_Phones_and_Accessories",
-        "Clothing_Shoes_and_Jewelry", "Electronics", "Gift_Cards", "Grocery_and_Gourmet_Food",
-        "Health_and_Household", "Home_and_Kitchen", "Industrial_and_Scientific", "Kindle_Store",
-        "Magazine_Subscriptions", "Movies_and_TV", "Musical_Instruments", "Office_Products",
-        "Patio_Lawn_and_Garden", "Pet_Supplies", "Software", "Sports_and_Outdoors",
-        "Tools_and_Home_Improvement", "Toys_and_Games", "Video_Games",
-    )  # fmt: skip
+        "all",
+        "All_Beauty",
+        "Arts_Crafts_and_Sewing",
+        "Automotive",
+        "Baby_Products",
+        "Beauty_and_Personal_Care",
+        "Books",
+        "CDs_and_Vinyl",
+        "Cell_Phones_and_Accessories",
+        "Clothing_Shoes_and_Jewelry",
+        "Electronics",
+        "Gift_Cards",
+        "Grocery_and_Gourmet_Food",
+        "Health_and_Household",
+        "Home_and_Kitchen",
+        "Industrial_and_Scientific",
+        "Kindle_Store",
+        "Magazine_Subscriptions",
+        "Movies_and_TV",
+        "Musical_Instruments",
+        "Office_Products",
+        "Patio_Lawn_and_Garden",
+        "Pet_Supplies",
+        "Software",
+        "Sports_and_Outdoors",
+        "Tools_and_Home_Improvement",
+        "Toys_and_Games",
+        "Video_Games",
+    )
     # Full categories: the Beam path.
     BUILDER_CONFIGS = _configs(SOURCES, beam=SOURCES)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -336,10 +357,23 @@ class UserLlmGoogleLocal(_HistoriesBuilder):
     DATASET = "google_local"
     SOURCE_KW = "states"
     SOURCES = (
-        "all", "Alabama", "Alaska", "Arizona", "California", "Colorado", "Florida", "Georgia",
-        "Hawaii", "Illinois", "Massachusetts", "Michigan", "New_York", "Oregon", "Texas",
+        "all",
+        "Alabama",
+        "Alaska",
+        "Arizona",
+        "California",
+        "Colorado",
+        "Florida",
+        "Georgia",
+        "Hawaii",
+        "Illinois",
+        "Massachusetts",
+        "Michigan",
+        "New_York",
+        "Oregon",
+        "Texas",
         "Washington",
-    )  # fmt: skip
+    )
     # Every state (California alone holds ~70M reviews): the Beam path.
     BUILDER_CONFIGS = _configs(SOURCES, beam=SOURCES)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (

@@ -95,17 +95,20 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
         table = read_delimited(
             data, display, list(_RATING_TYPES), _RATING_TYPES, report, lenient, header=True
         )
-    elif variant == "dat":
-        data = data.replace(b"::", b"\t")
+    else:  # "dat" (1M/10M/20M, "::"-separated) and "100k" (tab-separated u.data)
+        if variant == "dat":
+            data = data.replace(b"::", b"\t")
         table = read_delimited(
-            data, display, list(_RATING_TYPES), _RATING_TYPES, report, lenient,
-            delimiter="\t", header=False, quoting=False,
-        )  # fmt: skip
-    else:
-        table = read_delimited(
-            data, display, list(_RATING_TYPES), _RATING_TYPES, report, lenient,
-            delimiter="\t", header=False, quoting=False,
-        )  # fmt: skip
+            data,
+            display,
+            list(_RATING_TYPES),
+            _RATING_TYPES,
+            report,
+            lenient,
+            delimiter="\t",
+            header=False,
+            quoting=False,
+        )
     report.rows_read += table.num_rows + report.num_skipped - skipped_before
     del data  # the raw file (hundreds of MB for ml-20m) is no longer needed
     df = pd.DataFrame(
@@ -141,9 +144,16 @@ def _read_movies(source, name, variant, report, lenient) -> pd.DataFrame:
         cols = ["item", "title", "genres"]
         types = {"item": pa.int64(), "title": pa.string(), "genres": pa.string()}
         table = read_delimited(
-            data, display, cols, types, report, lenient,
-            delimiter="\t", header=False, quoting=False,
-        )  # fmt: skip
+            data,
+            display,
+            cols,
+            types,
+            report,
+            lenient,
+            delimiter="\t",
+            header=False,
+            quoting=False,
+        )
         genres = split_genres(table["genres"], "|")
     else:
         genre_names = _read_100k_genres(source)
@@ -152,9 +162,16 @@ def _read_movies(source, name, variant, report, lenient) -> pd.DataFrame:
         types = {"item": pa.int64(), "title": pa.string()} | {f: pa.int64() for f in flags}
         data = decode_text(data).encode("utf-8")
         table = read_delimited(
-            data, display, cols, types, report, lenient,
-            delimiter="|", header=False, quoting=False,
-        )  # fmt: skip
+            data,
+            display,
+            cols,
+            types,
+            report,
+            lenient,
+            delimiter="|",
+            header=False,
+            quoting=False,
+        )
         matrix = np.stack([table[f].to_numpy() for f in flags], axis=1) if flags else None
         genres = genres_from_flags(matrix, genre_names)
     report.meta_rows_read += table.num_rows
