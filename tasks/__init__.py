@@ -12,6 +12,9 @@ import importlib
 from typing import Any
 
 FAMILY_MODULES = ("tasks.movielens", "tasks.amazon_reviews", "tasks.google_local")
+# The name suffix of the tasks ``tasks.smollm2`` registers with SmolLM2's tokenizer (defined here,
+# where the experiment runner can read it without importing TensorFlow).
+SMOLLM2_SUFFIX = "_smollm2"
 
 
 def register_tasks(vocabulary: Any, name_suffix: str = "") -> list[str]:

@@ -22,7 +22,7 @@ from tasks import common
 from user_llm.convert.common import packaged_gguf
 from user_llm.data import bpe_vocabulary
 
-SUFFIX = "_smollm2"
+SUFFIX = tasks.SMOLLM2_SUFFIX
 VOCABULARY = bpe_vocabulary.ByteLevelBPEVocabulary(packaged_gguf())
 TASK_NAMES = tasks.register_tasks(VOCABULARY, SUFFIX)
 

@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from tasks import SMOLLM2_SUFFIX
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SUFFIX = "_smollm2"
+SUFFIX = SMOLLM2_SUFFIX  # the SmolLM2-tokenized tasks (tasks.smollm2)
 ENCODER_FILES = {
     "ar": (),
     "late": ("models/user_encoder/late_fusion.gin",),
