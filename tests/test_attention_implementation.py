@@ -138,4 +138,7 @@ def test_config_names_a_wrong_implementation_or_dtype():
         tiny_decoder_config(attention_implementation="flash")
     with pytest.raises(ValueError, match="cudnn.*needs dtype.*not 'float32'"):
         tiny_decoder_config(attention_implementation="cudnn")
-    assert tiny_decoder_config(attention_implementation="cudnn", dtype="bfloat16")
+    for dtype in ("bfloat16", jnp.bfloat16, "float16"):  # accepted: no error
+        tiny_decoder_config(attention_implementation="cudnn", dtype=dtype)
+    with pytest.raises(ValueError, match="cudnn.*not 'float32'"):
+        tiny_decoder_config(attention_implementation="cudnn", dtype=jnp.float32)

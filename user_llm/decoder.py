@@ -123,10 +123,11 @@ class DecoderConfig:
                 f"attention_implementation={self.attention_implementation!r} not in "
                 f"{list(ATTENTION_IMPLEMENTATIONS)}"
             )
-        if self.attention_implementation == "cudnn" and self.dtype not in CUDNN_DTYPES:
+        dtype_name = jnp.dtype(as_dtype(self.dtype)).name  # a name or a dtype, as gin gives it
+        if self.attention_implementation == "cudnn" and dtype_name not in CUDNN_DTYPES:
             problems.append(
                 f"attention_implementation='cudnn' needs dtype in {list(CUDNN_DTYPES)}, "
-                f"not {self.dtype!r} (cuDNN's flash attention has no float32 kernel)"
+                f"not {dtype_name!r} (cuDNN's flash attention has no float32 kernel)"
             )
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r} not in {list(REMAT_POLICIES)}")
