@@ -30,9 +30,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from machine import CPU_FLAGS, cpu_info
+from results_file import publish
 
 # Each: (name, XLA_FLAGS added). All exist in jaxlib 0.10.2's flag table.
 VARIANTS = (
@@ -181,9 +181,7 @@ def main() -> None:
     torch_row = _child("torch", "", sizes, args.runs, args.ref_python) if args.ref_python else None
     cmd = "python benchmarks/bf16_matmul.py " + " ".join(sys.argv[1:])
     text = report(cpu, rows, torch_row, sizes, cmd.strip())
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

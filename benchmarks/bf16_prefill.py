@@ -28,16 +28,16 @@ import platform
 import sys
 import time
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from machine import describe_cpu
+from results_file import publish
 
-from user_llm import layers
+from user_llm import decoder, layers
 from user_llm.convert import gguf as gguf_lib
-from user_llm.decoder import Decoder, init_cache
+from user_llm.decoder import Decoder
 from user_llm.import_checkpoint import packaged_gguf
 
 WAYS = (
@@ -77,16 +77,8 @@ def measure(prompt_len: int, runs: int) -> list[dict]:
         cfg = dataclasses.replace(cfg32, dtype=dtype)
         module = Decoder(cfg)
 
-        def prefill(params, tokens, cfg=cfg, module=module):
-            cache = init_cache(cfg, 1, prompt_len)
-            logits, _ = module.apply(
-                {"params": params, "cache": cache},
-                tokens,
-                decode=True,
-                logits_index=index,
-                mutable=["cache"],
-            )
-            return logits
+        def prefill(params, tokens, module=module):
+            return decoder.prefill(module, params, tokens, index)[0]
 
         with _accumulate_in_float32() if accumulate else contextlib.nullcontext():
             compiled = jax.jit(prefill).lower(params, tokens).compile()
@@ -143,9 +135,7 @@ def main() -> None:
     rows = measure(args.prompt_len, args.runs)
     cmd = "python benchmarks/bf16_prefill.py " + " ".join(sys.argv[1:])
     text = report(rows, args.prompt_len, args.runs, cmd.strip())
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import describe_cpu
+from results_file import publish
 
 TEXT = (
     "The history of the city begins with a small settlement on the river, where farmers and "
@@ -153,9 +154,9 @@ def run_ours(gguf_path: Path, spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from user_llm import generate
+    from user_llm import decoder, generate
     from user_llm.convert import gguf as gguf_lib
-    from user_llm.decoder import Decoder, init_cache
+    from user_llm.decoder import Decoder
 
     timer = _Timer()
     t0 = time.perf_counter()
@@ -166,16 +167,8 @@ def run_ours(gguf_path: Path, spec: dict) -> dict:
     module = Decoder(cfg)
 
     def prefill_fn(params, tokens, last_only):
-        cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
         index = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1) if last_only else None
-        logits, mutated = module.apply(
-            {"params": params, "cache": cache},
-            tokens,
-            decode=True,
-            logits_index=index,
-            mutable=["cache"],
-        )
-        return logits, mutated["cache"]
+        return decoder.prefill(module, params, tokens, index)
 
     prefill = jax.jit(prefill_fn, static_argnums=2)
     long_ids = jnp.asarray([spec["long_prompt"]], jnp.int32)
@@ -505,9 +498,7 @@ def main() -> None:
 
     cmd = "python benchmarks/llm_inference.py " + " ".join(sys.argv[1:])
     text = report(spec, ours, ref, cmd.strip())
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

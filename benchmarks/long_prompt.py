@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_file import publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -175,6 +176,12 @@ def _fmt(r: dict | None, what: str) -> str:
     return f"{r['seconds']:.1f} s"
 
 
+def _table_head(title: str, columns: str) -> list[str]:
+    """A section title and the head of its markdown table (``columns``: comma-separated)."""
+    names = [c.strip() for c in columns.split(", ")]
+    return ["", f"## {title}", "", f"| {' | '.join(names)} |", "|" + "---|" * len(names)]
+
+
 def report(prefill: list[dict], tp: list[dict], command: str, args) -> str:
     lines = [
         "# Long prompts: blocked attention and a shared candidate cache (old vs new, one run)",
@@ -189,12 +196,10 @@ def report(prefill: list[dict], tp: list[dict], command: str, args) -> str:
         "copied once per candidate. New: blocked attention (256 x 256 tiles, online softmax, "
         "all-masked tiles skipped) above 1M query-key pairs; candidates packed end to end "
         "(padding dropped) as segments of one shared cache.",
-        "",
-        "## Prefill (batch 1, random token ids)",
-        "",
-        "| tokens | old s | new s | old tokens/s | new tokens/s | speed-up | old memory | "
-        "new memory |",
-        "|---|---|---|---|---|---|---|---|",
+        *_table_head(
+            "Prefill (batch 1, random token ids)",
+            "tokens, old s, new s, old tokens/s, new tokens/s, speed-up, old memory, new memory",
+        ),
     ]
     for r in prefill:
         old, new = r["old"], r["new"]
@@ -204,14 +209,11 @@ def report(prefill: list[dict], tp: list[dict], command: str, args) -> str:
             f"| {r['tokens']} | {_fmt(old, 's')} | {_fmt(new, 's')} | {rate(old)} | {rate(new)}"
             f" | {speed} | {_fmt(old, 'bytes')} | {_fmt(new, 'bytes')} |"
         )
-    lines += [
-        "",
-        "## TP next-item scoring, one user (20 candidates + a 24-token greedy answer)",
-        "",
-        "| history items | prompt tokens (padded) | old s/user | new s/user | speed-up | "
-        "old memory | new memory | max score diff | same greedy tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += _table_head(
+        "TP next-item scoring, one user (20 candidates + a 24-token greedy answer)",
+        "history items, prompt tokens (padded), old s/user, new s/user, speed-up, old memory, "
+        "new memory, max score diff, same greedy tokens",
+    )
     for r in tp:
         old, new = r["old"], r["new"]
         speed = f"{old['seconds'] / new['seconds']:.2f}x" if old else "-"
@@ -244,7 +246,9 @@ def main() -> None:
         'MIXTURE_OR_TASK_NAME="movielens_tpchat_h50_smollm2"',
     ]
     gin_utils.parse_gin(
-        ["experiments/movielens_tp_smollm2.gin"], bindings, list(gin_utils.DEFAULT_SEARCH_PATHS)
+        ["experiments/tp_smollm2.gin", "datasets/movielens.gin"],
+        bindings,
+        list(gin_utils.DEFAULT_SEARCH_PATHS),
     )
     model = gin_utils.query_values("train_lib.train", ("model",))["model"]
     params = checkpoints.unflatten(checkpoints.read_params(args.llm_checkpoint))
@@ -253,9 +257,7 @@ def main() -> None:
     prefill = prefill_rows(model.module.config, params, lens, args.dense_max_len, args.runs)
     tp = tp_rows(model, params, items, args.old_max_items, args.runs)
     text = report(prefill, tp, "python " + " ".join(sys.argv), args)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

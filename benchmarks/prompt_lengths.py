@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
+from results_file import publish
 
 
 def lengths(task: str, examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     inputs, targets = lengths(args.task, args.examples)
     text = report(args.task, inputs, targets, args)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import timing
+from results_file import publish
 
 from user_llm import optimizers, testing
 from user_llm.decoder import Decoder
@@ -201,10 +201,7 @@ def main() -> None:
             f"{r['fraction_of_peak_6nd']:.0%} | {r['initial_loss']:.4f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    publish(text, args.output, rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_file import publish
 
 from user_llm import testing
 from user_llm.decoder import Decoder
@@ -235,10 +236,7 @@ def main() -> None:
         image = os.path.relpath(Path(args.plot).resolve(), md_dir)
         lines += ["", f"![GFLOPs and TP/User-LLM ratios vs history length]({image})"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+    publish(text, args.output)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ SMOLLM2_SUFFIX = "_smollm2"
 def register_tasks(vocabulary: Any, name_suffix: str = "") -> list[str]:
     """Registers every family's User-LLM tasks with ``vocabulary`` (a ``seqio.Vocabulary``),
     named ``{dataset}_{task}_{form}_h{L}{name_suffix}`` (e.g. suffix ``"_smollm2"``)."""
+    from tasks import common  # imports TensorFlow: only when tasks are registered
+
     names: list[str] = []
     for module in FAMILY_MODULES:
-        names += importlib.import_module(module).register_tasks(vocabulary, name_suffix)
+        family = importlib.import_module(module).FAMILY
+        names += common.register_family(family, vocabulary, name_suffix)
     return names

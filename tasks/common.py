@@ -20,6 +20,7 @@ import seqio
 import tensorflow as tf
 
 from user_llm import metrics
+from user_llm.data import families
 from user_llm.data import features as F
 from user_llm.data.families import (
     EmptyTaskError,
@@ -27,8 +28,9 @@ from user_llm.data.families import (
     examples,
     family_task_data,
     resolve_data_dir,
+    task_name,
 )
-from user_llm.data.histories import SPLITS, Histories
+from user_llm.data.histories import SPLITS
 from user_llm.feature_names import ITEM_TARGET
 
 # Both candidate sets of every text task (features.py): popularity-sampled, then uniform.
@@ -86,12 +88,6 @@ def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
         if not isinstance(v.vocabulary, seqio.PassThroughVocabulary)
     }
     return seqio.preprocessors.tokenize(dataset, text)
-
-
-def task_name(dataset: str, task: str, form: str | None, history_length: int, suffix: str = ""):
-    """``{dataset}_{task}_{form}_h{L}{suffix}`` (no form for encoder pretraining)."""
-    parts = [dataset, task] + ([form] if form else []) + [f"h{history_length}"]
-    return "_".join(parts) + suffix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +163,14 @@ def item_popularity(name: str) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=len(h.item_titles)).astype(np.float64)
 
 
+def encoder_feature_sizes(dataset: str, history_length: int, kind: str) -> dict[str, int]:
+    """The encoder's vocabulary sizes by feature, as the ``config.gin`` of runs made before the
+    sizes became macros (``user_llm.data.feature_sizes``) calls it; new gin files use the
+    macros. kind: "categorical" or "multivalued"."""
+    sizes = families.feature_sizes(families.by_name(dataset), history_length)
+    return {"categorical": sizes.categorical, "multivalued": sizes.multivalued}[kind]()
+
+
 def register_family(
     family: Family,
     vocabulary: seqio.Vocabulary | None = None,
@@ -181,6 +185,7 @@ def register_family(
     ``tasks/tfds_tasks.py``). Re-registering an existing name is a no-op, so importing twice
     is harmless.
     """
+    families.register(family)
     vocabulary = vocabulary or seqio.ByteVocabulary()
     text = {
         "inputs": seqio.Feature(vocabulary, add_eos=True),
@@ -238,38 +243,3 @@ def register_family(
                     else [],
                 )
     return names
-
-
-FAMILIES_BY_NAME: dict[str, str] = {
-    "movielens": "tasks.movielens",
-    "amazon_reviews": "tasks.amazon_reviews",
-    "google_local": "tasks.google_local",
-}
-
-
-def family_histories(dataset: str, history_length: int) -> Histories:
-    """The cached histories of a built-in family, by dataset name (imports its tasks module)."""
-    import importlib
-
-    if dataset not in FAMILIES_BY_NAME:
-        raise ValueError(f"Unknown dataset {dataset!r}; use one of {sorted(FAMILIES_BY_NAME)}")
-    family = importlib.import_module(FAMILIES_BY_NAME[dataset]).FAMILY
-    return family_task_data(family, history_length).histories
-
-
-def encoder_feature_sizes(dataset: str, history_length: int, kind: str) -> dict[str, int]:
-    """Vocabulary sizes of a family's encoder features, for ``UserEncoderConfig`` in gin.
-
-    kind: "categorical" (item ids, rating and time buckets) or "multivalued" (genres).
-    Sizes come from the same cached histories the tasks read, so they always agree.
-    """
-    h = family_histories(dataset, history_length)
-    if kind == "categorical":
-        return {
-            "user_item_ids": h.vocabularies["item"].size,
-            "user_ratings": h.vocabularies["rating"].size,
-            "user_time_buckets": h.config.num_time_buckets,
-        }
-    if kind == "multivalued":
-        return {"user_genres": h.vocabularies["genre"].size}
-    raise ValueError(f"kind must be 'categorical' or 'multivalued', got {kind!r}")

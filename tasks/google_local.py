@@ -12,25 +12,9 @@ Registered with the byte vocabulary on import, for history lengths 20, 50, 100 a
 
 from __future__ import annotations
 
-import seqio
-
 from tasks import common
 from user_llm.data import families
-from user_llm.data.features import DatasetText
 
-FAMILY = families.Family(
-    name="google_local",
-    env_var="USER_LLM_GOOGLE_LOCAL_DIR",
-    default_dir=None,
-    text=DatasetText(item_noun="place", genre_noun="category", action="review"),
-    tasks=("next_item", "favorite_genre", "review_gen", "encoder_pretrain"),
-    favorite_name="favorite_category",
-)
+FAMILY = families.GOOGLE_LOCAL
 
-
-def register_tasks(vocabulary: seqio.Vocabulary | None = None, name_suffix: str = "") -> list[str]:
-    """Registers every Google Local task with ``vocabulary`` (default: bytes)."""
-    return common.register_family(FAMILY, vocabulary, name_suffix)
-
-
-TASK_NAMES = register_tasks()
+TASK_NAMES = common.register_family(FAMILY)

@@ -28,7 +28,7 @@ TASK_NAMES = tasks.register_tasks(VOCABULARY, SUFFIX)
 
 
 def mixture_name(dataset: str, form: str, history_length: int) -> str:
-    return f"{dataset}_{form}_h{history_length}{SUFFIX}"
+    return common.task_name(dataset, None, form, history_length, SUFFIX)
 
 
 def _register_mixtures() -> list[str]:

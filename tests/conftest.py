@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The encoder's feature sizes (user_llm.data.feature_sizes) that this run's data builds write go
+# to a fresh folder (subprocesses inherit it), so no JSON of another run is ever read.
+os.environ["USER_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="user_llm_test_cache_")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

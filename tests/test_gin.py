@@ -27,8 +27,9 @@ REQUIRED_VALUES = {
 # Overlays and the experiment file each is composed after.
 OVERLAYS = {
     "local_tiny.gin": "experiments/movielens_titles_lm.gin",
-    "experiments/amazon_reviews.gin": "experiments/movielens_encoder_pretrain.gin",
 }
+# Dataset overlays: each experiment file is composed with one (the first for the others).
+DATASETS = sorted(f for f in ALL_GIN_FILES if f.startswith("datasets/"))
 
 
 # Files that are not standalone, and what they are composed after.
@@ -48,14 +49,22 @@ COMPOSED_AFTER = {
 
 
 def _files_for(name: str) -> list[str]:
+    if name in DATASETS:
+        return ["experiments/tp_tiny.gin", name]  # no encoder: Google Local needs no data
     if name in OVERLAYS:
         return [OVERLAYS[name], name]
-    return COMPOSED_AFTER.get(name, []) + [name]
+    files = COMPOSED_AFTER.get(name, []) + [name]
+    return files + ["datasets/movielens.gin"] if _needs_dataset(files) else files
+
+
+def _needs_dataset(files: list[str]) -> bool:
+    return "DATASET" in gin_utils.required_macros(files, gin_utils.DEFAULT_SEARCH_PATHS)
 
 
 def _bindings_for(files: list[str]) -> list[str]:
+    """Values for the REQUIRED macros (the encoder's sizes: the entry point binds them)."""
     required = gin_utils.required_macros(files, gin_utils.DEFAULT_SEARCH_PATHS)
-    return [f"{m} = {REQUIRED_VALUES[m]}" for m in required]
+    return [f"{m} = {REQUIRED_VALUES[m]}" for m in required if m in REQUIRED_VALUES]
 
 
 def test_gin_files_exist():
@@ -92,6 +101,52 @@ def test_every_gin_file_parses_finalizes_and_builds(name):
             assert gin.query_parameter("train_lib.train.num_train_steps") is not None
     finally:
         gin.clear_config()
+
+
+# The experiment files that name no dataset (the titles LM is MovieLens' own text corpus).
+DATASET_FREE = [
+    f
+    for f in ALL_GIN_FILES
+    if f.startswith("experiments/") and f != "experiments/movielens_titles_lm.gin"
+]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_each_experiment_runs_on_each_dataset_through_its_overlay(dataset):
+    """Experiment x dataset overlay: the task or mixture name follows the overlay's DATASET
+    and the experiment's HISTORY_LENGTH, and is registered; no experiment names a dataset."""
+    import seqio
+
+    import tasks.smollm2  # noqa: F401 - the SmolLM2 tasks and mixtures
+    from user_llm.data import families, feature_sizes
+
+    assert len(DATASET_FREE) >= 5
+    name = dataset.removeprefix("datasets/").removesuffix(".gin")
+    for experiment in DATASET_FREE:
+        code = "\n".join(ln.split("#")[0] for ln in (GIN_DIR / experiment).read_text().splitlines())
+        assert not [d for d in families.BUILT_IN if d in code], experiment
+        files = [experiment, dataset]
+        bindings = [b for b in _bindings_for(files) if not b.startswith("MIXTURE_OR_TASK_NAME")]
+        required = gin_utils.required_macros(files, gin_utils.DEFAULT_SEARCH_PATHS)
+        # Sizes of our own, so Google Local (no data here) needs no data to configure.
+        bindings += [f"{m} = 10" for m in feature_sizes.MACROS if m in required]
+        gin_utils.parse_gin(files, [*bindings, "HISTORY_LENGTH = 100"])
+        try:
+            task = gin_utils.macro_value("MIXTURE_OR_TASK_NAME")
+            assert task.startswith(f"{name}_") and "_h100" in task, (experiment, task)
+            assert task in seqio.TaskRegistry.names() or task in seqio.MixtureRegistry.names()
+        finally:
+            gin.clear_config()
+
+
+def test_a_renamed_experiment_file_says_what_to_use():
+    with pytest.raises(
+        GinConfigError,
+        match="now --gin_file=experiments/tp_tiny.gin --gin_file=datasets/movielens.gin",
+    ):
+        gin_utils.parse_gin(["experiments/movielens_tp_tiny.gin"])
+    with pytest.raises(GinConfigError, match="Required gin macro.*DATASET"):
+        gin_utils.parse_gin(["experiments/tp_tiny.gin"], ["MODEL_DIR = 'x'"])
 
 
 def _has_macro(name: str) -> bool:
@@ -163,7 +218,9 @@ def test_a_runs_folder_in_the_working_directory_does_not_break_includes(tmp_path
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        gin_utils.parse_gin(["experiments/movielens_encoder_pretrain.gin"], ["MODEL_DIR = 'x'"], [])
+        gin_utils.parse_gin(
+            ["experiments/encoder_pretrain.gin", "datasets/movielens.gin"], ["MODEL_DIR = 'x'"], []
+        )
         assert gin.query_parameter("%TRAIN_STEPS") == 1500
     finally:
         gin.clear_config()
@@ -174,7 +231,7 @@ def test_includes_log_no_spurious_path_not_found_errors():
     search path that is not a Python package; a clean parse logs no error at all."""
     code = (
         "from user_llm import gin_utils; "
-        "gin_utils.parse_gin(['experiments/movielens_user_llm_tiny.gin'], "
+        "gin_utils.parse_gin(['experiments/user_llm_tiny.gin', 'datasets/movielens.gin'], "
         "[f'{m} = \\'x\\'' for m in ('MODEL_DIR', 'LLM_CHECKPOINT', 'ENCODER_CHECKPOINT')], "
         "[], finalize=False); print('parsed')"
     )

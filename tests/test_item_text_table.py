@@ -9,7 +9,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_title_table_rows_follow_the_item_vocabulary_of_the_real_data(tmp_path):
-    from tasks import common as task_common
     from user_llm import (
         evaluate,  # noqa: F401  (importing both defines no flag twice)
         item_text_table,
@@ -18,9 +17,11 @@ def test_title_table_rows_follow_the_item_vocabulary_of_the_real_data(tmp_path):
 
     llm = import_checkpoint(tmp_path / "smollm2", gguf=packaged_gguf())
     table = item_text_table.build_table("movielens", 50, llm)  # the CLI's work, in process
-    h = task_common.family_histories("movielens", 50)
-    sizes = task_common.encoder_feature_sizes("movielens", 50, "categorical")
-    assert table.shape == (sizes["user_item_ids"], 576) and table.dtype == np.float32
+    from user_llm.data import families
+
+    h = families.family_histories("movielens", 50)
+    sizes = families.feature_sizes(families.MOVIELENS, 50)
+    assert table.shape == (sizes.item, 576) and table.dtype == np.float32
     np.testing.assert_array_equal(table[:2], 0.0)  # pad and OOV
     rms = np.sqrt(np.mean(np.square(table[2:]), axis=1))
     np.testing.assert_allclose(rms, 1.0, atol=1e-4)

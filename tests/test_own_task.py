@@ -74,7 +74,8 @@ def test_own_task_trains_and_evaluates_with_its_own_metrics(tmp_path):
     # Phase 1: the user encoder pretrained on the same histories (history 20).
     encoder_dir = tmp_path / "encoder"
     run_module(
-        ["-m", "user_llm.train", "--gin_file=experiments/movielens_encoder_pretrain.gin",
+        ["-m", "user_llm.train", "--gin_file=experiments/encoder_pretrain.gin",
+         "--gin_file=datasets/movielens.gin",
          "--gin_file=local_tiny.gin", "--gin.HISTORY_LENGTH=20", "--gin.TRAIN_STEPS=2",
          "--gin.train_lib.train.eval_every_steps=0", f"--gin.MODEL_DIR='{encoder_dir}'"],
         timeout=900,
@@ -82,7 +83,8 @@ def test_own_task_trains_and_evaluates_with_its_own_metrics(tmp_path):
     run_dir = tmp_path / "run"
     gin_args = [
         "--module_import=my_tasks",
-        "--gin_file=experiments/movielens_user_llm_tiny.gin",
+        "--gin_file=experiments/user_llm_tiny.gin",
+        "--gin_file=datasets/movielens.gin",
         "--gin_file=local_tiny.gin",
         "--gin.HISTORY_LENGTH=20",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",

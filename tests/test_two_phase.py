@@ -27,7 +27,8 @@ def phases(tmp_path_factory):
          f"--gin.MODEL_DIR='{lm}'", "--gin.TRAIN_STEPS=20"]
     )  # fmt: skip
     run_module(
-        [*TRAIN, "--gin_file=experiments/movielens_encoder_pretrain.gin",
+        [*TRAIN, "--gin_file=experiments/encoder_pretrain.gin",
+         "--gin_file=datasets/movielens.gin",
          f"--gin.MODEL_DIR='{enc}'", "--gin.TRAIN_STEPS=300",
          "--gin.train_lib.train.eval_every_steps=0"]
     )  # fmt: skip
@@ -37,7 +38,8 @@ def phases(tmp_path_factory):
 def test_phase1_encoder_beats_popularity_on_held_out_last_items(phases):
     _, _, enc = phases
     proc = run_module(
-        ["-m", "user_llm.encoder_eval", "--gin_file=experiments/movielens_encoder_pretrain.gin",
+        ["-m", "user_llm.encoder_eval", "--gin_file=experiments/encoder_pretrain.gin",
+         "--gin_file=datasets/movielens.gin",
          f"--gin.MODEL_DIR='{enc}'", "--split=test", "--k=10"]
     )  # fmt: skip
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -46,7 +48,8 @@ def test_phase1_encoder_beats_popularity_on_held_out_last_items(phases):
     assert result["encoder_recall@10"] > result["popularity_recall@10"]
     assert result["encoder_ndcg@10"] > result["popularity_ndcg@10"]
     mean = run_module(
-        ["-m", "user_llm.encoder_eval", "--gin_file=experiments/movielens_encoder_pretrain.gin",
+        ["-m", "user_llm.encoder_eval", "--gin_file=experiments/encoder_pretrain.gin",
+         "--gin_file=datasets/movielens.gin",
          f"--gin.MODEL_DIR='{enc}'", "--split=test", "--k=10", "--pooling=mean"]
     )  # fmt: skip
     mean = json.loads(mean.stdout.strip().splitlines()[-1])
@@ -56,7 +59,8 @@ def test_phase1_encoder_beats_popularity_on_held_out_last_items(phases):
 def _finetune(root, lm, enc, name, *extra):
     out = root / name
     proc = run_module(
-        [*TRAIN, "--gin_file=experiments/movielens_user_llm_tiny.gin", *extra,
+        [*TRAIN, "--gin_file=experiments/user_llm_tiny.gin",
+         "--gin_file=datasets/movielens.gin", *extra,
          f"--gin.MODEL_DIR='{out}'", f"--gin.LLM_CHECKPOINT='{lm}'",
          f"--gin.ENCODER_CHECKPOINT='{enc}'", "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=4",
          "--gin.train_lib.train.eval_every_steps=0", "--gin.train_lib.train.log_every_steps=6",
@@ -104,7 +108,8 @@ def test_phase2_proj_strategy_with_dual_encoder(phases):
     root, lm, _ = phases
     dual = root / "dual"
     run_module(
-        [*TRAIN, "--gin_file=experiments/movielens_encoder_pretrain.gin",
+        [*TRAIN, "--gin_file=experiments/encoder_pretrain.gin",
+         "--gin_file=datasets/movielens.gin",
          "--gin_file=models/user_encoder/dual.gin", f"--gin.MODEL_DIR='{dual}'",
          "--gin.TRAIN_STEPS=10", "--gin.train_lib.train.eval_every_steps=0"]
     )  # fmt: skip

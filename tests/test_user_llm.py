@@ -679,7 +679,7 @@ def test_belief_token_configs_that_cannot_work_are_named(tmp_path):
 
 def test_every_model_wrapper_is_a_trainable_model():
     """The train loop's contract (``models.TrainableModel``) holds for every wrapper kind."""
-    from user_llm.models import DecoderOnlyModel, TrainableModel
+    from user_llm.models import DecoderOnlyModel, LanguageModel, NextItemRanker, TrainableModel
 
     wrappers = [
         DecoderOnlyModel(Decoder(tiny_decoder_config())),
@@ -690,6 +690,9 @@ def test_every_model_wrapper_is_a_trainable_model():
     for model in wrappers:
         assert isinstance(model, TrainableModel), type(model).__name__
     assert not isinstance(object(), TrainableModel)
+    # What evaluation dispatches on: text models score and predict; encoders rank items.
+    kinds = [(isinstance(m, LanguageModel), isinstance(m, NextItemRanker)) for m in wrappers]
+    assert kinds == [(True, False), (True, False), (False, True), (False, True)]
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DualUserEncoderModel(DualEncoder(ENCODER), temperature=0.0)
 

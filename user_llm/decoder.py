@@ -494,3 +494,20 @@ def init_cache(config: DecoderConfig, batch_size: int, cache_length: int) -> dic
     """An empty KV cache of a ``Decoder(config)`` for ``batch_size`` sequences of up to
     ``cache_length`` tokens."""
     return module_cache(Decoder(config), batch_size, cache_length)
+
+
+def prefill(
+    module: Decoder, params: Any, tokens: Array, logits_index: Array | None = None
+) -> tuple[Array, dict[str, Any]]:
+    """(logits, the KV cache written) of one causal pass of ``tokens`` [b, L] into a fresh
+    cache of L positions: the decoder alone, as the inference benchmarks time it (models'
+    ``CachedDecoding`` adds prompts, user context and decoding steps around this)."""
+    cache = init_cache(module.config, tokens.shape[0], tokens.shape[1])
+    logits, mutated = module.apply(
+        {"params": params, "cache": cache},
+        tokens,
+        decode=True,
+        logits_index=logits_index,
+        mutable=["cache"],
+    )
+    return logits, mutated["cache"]

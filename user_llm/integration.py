@@ -337,33 +337,22 @@ class UserLLM(nn.Module):
             context, context_mask = self.encode_user(user_features, deterministic)
         if self.integration.item_head and self.is_initializing():  # create its parameters
             self.item_logits(jnp.zeros((1, self.decoder_config.embed_dim), context.dtype))
-        if self.integration.mode == "cross_attention":
-            return self.decoder(
-                tokens,
-                positions=positions,
-                segment_ids=segment_ids,
-                prefix_mask=prefix_mask,
-                input_mask=input_mask,
-                user_context=context,
-                user_context_mask=context_mask,
-                decode=decode,
-                deterministic=deterministic,
-                logits_index=logits_index,
-                return_hidden=return_hidden,
+        token_inputs = {
+            "positions": positions,
+            "segment_ids": segment_ids,
+            "prefix_mask": prefix_mask,
+            "input_mask": input_mask,
+            "logits_index": logits_index,
+            "decode": decode,
+            "deterministic": deterministic,
+            "return_hidden": return_hidden,
+        }
+        if self.integration.mode == "soft_prompt":
+            return self._soft_prompt(
+                tokens, context, context_mask, prepend_soft_prompt, **token_inputs
             )
-        return self._soft_prompt(
-            tokens,
-            positions,
-            segment_ids,
-            prefix_mask,
-            input_mask,
-            context,
-            context_mask,
-            prepend_soft_prompt,
-            decode,
-            deterministic,
-            logits_index,
-            return_hidden,
+        return self.decoder(
+            tokens, user_context=context, user_context_mask=context_mask, **token_inputs
         )
 
     def token_logits(self, hidden: Array) -> Array:
@@ -393,19 +382,22 @@ class UserLLM(nn.Module):
 
     def _soft_prompt(
         self,
-        tokens,
-        positions,
-        segment_ids,
-        prefix_mask,
-        input_mask,
-        context,
-        context_mask,
-        prepend,
-        decode,
-        deterministic,
-        logits_index=None,
-        return_hidden=False,
+        tokens: Array,
+        context: Array,
+        context_mask: Array,
+        prepend: bool,
+        *,
+        positions: Array | None,
+        segment_ids: Array | None,
+        prefix_mask: Array | None,
+        input_mask: Array | None,
+        logits_index: Array | None,
+        **run: bool,
     ) -> Array:
+        """The decoder over [the context as n soft-prompt slots; the tokens] (``prepend``), or
+        over the tokens alone at positions after the slots (cached decoding steps).
+        ``run``: ``decode``, ``deterministic``, ``return_hidden``, passed on."""
+        decode = run["decode"]
         if segment_ids is not None and (prepend or not decode):
             raise ValueError("soft_prompt mode does not support packed batches (segment ids)")
         batch, length = tokens.shape
@@ -422,10 +414,8 @@ class UserLLM(nn.Module):
                 segment_ids=segment_ids,
                 input_mask=token_mask,
                 input_embeddings=embeddings,
-                decode=decode,
-                deterministic=deterministic,
                 logits_index=logits_index,
-                return_hidden=return_hidden,
+                **run,
             )
         soft_positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
         full_prefix = None
@@ -437,9 +427,7 @@ class UserLLM(nn.Module):
             prefix_mask=full_prefix,
             input_mask=jnp.concatenate([context_mask.astype(bool), token_mask.astype(bool)], 1),
             input_embeddings=jnp.concatenate([context.astype(embeddings.dtype), embeddings], 1),
-            decode=decode,
-            deterministic=deterministic,
             logits_index=None if logits_index is None else logits_index + n,
-            return_hidden=return_hidden,
+            **run,
         )
         return logits if logits_index is not None else logits[:, n:]

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from user_llm import checkpoints, evaluate
+from user_llm import evaluate
 from user_llm.models import distillation_kl, user_features
 from user_llm.user_encoder import pool_states
 
@@ -372,22 +372,19 @@ def refit(
 
 
 def main(argv: Sequence[str]) -> None:
-    from user_llm import gin_utils
+    from user_llm import trained_run
 
     del argv
     if not FLAGS.task:
         raise ValueError("--task is empty: name a registered User-LLM next-item task")
-    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
-    if not getattr(run["model"], "has_item_head", False):
+    run = trained_run.load(FLAGS.checkpoint_dir)
+    if not getattr(run.model, "has_item_head", False):
         raise ValueError("the run's model has no item head (models/integration/item_head.gin)")
-    source = FLAGS.checkpoint_dir or run["model_dir"]
-    params = checkpoints.unflatten(checkpoints.read_params(source))
     result = refit(
-        run["model"],
-        params,
+        run.model,
+        run.params,
         FLAGS.task,
-        dict(run["train_dataset_cfg"].task_feature_lengths),
+        run.feature_lengths,
         train_examples=FLAGS.train_examples,
         test_examples=FLAGS.test_examples,
         steps=FLAGS.refit_steps,
@@ -399,7 +396,7 @@ def main(argv: Sequence[str]) -> None:
         states_cache=FLAGS.states_cache,
     )
     here = Path.cwd()
-    checkpoint = Path(source).resolve()
+    checkpoint = Path(run.checkpoint).resolve()
     # Relative where it can be, so a results file names no machine's paths.
     result["checkpoint"] = str(
         checkpoint.relative_to(here) if checkpoint.is_relative_to(here) else checkpoint

@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from user_llm import checkpoints
+from user_llm.data import families
 from user_llm.vocabularies import BPETokenizer
 
 FLAGS = flags.FLAGS
@@ -57,9 +58,7 @@ def title_vectors(titles: Sequence[str], tokenizer: BPETokenizer, embedding: np.
 
 def build_table(dataset: str, history_length: int, llm_checkpoint: str | Path) -> np.ndarray:
     """The table of ``dataset``'s item vocabulary at ``history_length`` (rows = vocabulary ids)."""
-    from tasks import common as task_common
-
-    histories = task_common.family_histories(dataset, history_length)
+    histories = families.family_histories(dataset, history_length)
     params = checkpoints.read_params(llm_checkpoint)
     if EMBEDDING not in params:
         raise checkpoints.CheckpointError(

@@ -8,7 +8,7 @@ resumes where it stopped):
 
 1. ``smollm2/``: import the packaged SmolLM2-135M-Instruct GGUF (``user_llm.import_checkpoint``).
 2. ``encoder_ar_h50/``: phase 1, the AR user encoder pretrained on next-movie prediction
-   (``experiments/movielens_encoder_pretrain.gin``).
+   (``experiments/encoder_pretrain.gin`` with ``datasets/movielens.gin``).
 3. ``user_llm_.../``: phase 2, User-LLM with the LLM and the phase-1 encoder frozen (Proj
    strategy): gated cross-attention in every 6th layer over the encoder's 50 output vectors,
    each block's output scaled to the residual stream's RMS, the integration at 10x the base

@@ -67,6 +67,38 @@ class TrainableModel(Protocol):
         ...
 
 
+@runtime_checkable
+class LanguageModel(TrainableModel, Protocol):
+    """A trainable model that reads and writes text (the decoder LMs and User-LLM): what
+    evaluation and generation call (T5X's ``score_batch`` / ``predict_batch_with_aux``)."""
+
+    def score_batch(self, params: Params, batch: Batch) -> Array:
+        """Per-example log-likelihood [b] of the targets."""
+        ...
+
+    def score_candidates(self, params: Params, batch: Batch, candidates: Array) -> Array:
+        """Log-likelihood [b, C] of each of C candidate continuations of each prompt."""
+        ...
+
+    def predict_batch_with_aux(
+        self, params: Params, batch: Batch, rng: Array | None = None, **kw: Any
+    ) -> tuple[Array, dict[str, Array]]:
+        """(continuation tokens [b, T], {"scores": [b], "logprobs": [b, T]})."""
+        ...
+
+
+@runtime_checkable
+class NextItemRanker(TrainableModel, Protocol):
+    """A trainable model that ranks the catalogue for a user's next item without text (the
+    phase-1 user encoders): what ``encoder_eval`` and the evaluation of encoder heads call."""
+
+    def score_next_items(
+        self, params: Params, batch: Batch, item_feature: str = ..., pooling: str = ...
+    ) -> Array:
+        """Scores [b, num_items] for the item after each row's last interaction."""
+        ...
+
+
 def cross_entropy_terms(
     logits: Array, targets: Array, weights: Array, z_loss: float = 0.0
 ) -> tuple[Array, Array, dict[str, Array]]:

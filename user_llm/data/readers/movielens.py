@@ -13,27 +13,16 @@ Item ids are the MovieLens movie ids as strings; timestamps are unix seconds; ra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from user_llm.data import tables
 from user_llm.data.readers._io import decode_text, read_delimited, strip_bad_utf8
 from user_llm.data.readers._source import FileSource
-from user_llm.data.tables import (
-    TIMESTAMP_RANGE,
-    DataError,
-    ParseReport,
-    add_missing_items,
-    attach_item_categories,
-    bad_timestamps,
-    finalize_interactions,
-    finalize_items,
-    reject_rows,
-    shown,
-    source_column,
-)
 
 BUNDLED_ZIP = Path(__file__).resolve().parents[1] / "bundled" / "ml-latest-small.zip"
 RATING_RANGE = (0.5, 5.0)
@@ -57,7 +46,7 @@ def detect_variant(source: FileSource) -> str:
     for variant, files in _VARIANT_FILES.items():
         if all(source.find(f) for f in files):
             return variant
-    raise DataError(
+    raise tables.DataError(
         str(source.root),
         None,
         "no MovieLens files found: expected ratings.csv + movies.csv (ml-latest*, ml-20m, "
@@ -67,7 +56,7 @@ def detect_variant(source: FileSource) -> str:
 
 def read_movielens(
     data_dir: str | Path | None = None, *, lenient: bool = False
-) -> tuple[pd.DataFrame, pd.DataFrame, ParseReport]:
+) -> tuple[pd.DataFrame, pd.DataFrame, tables.ParseReport]:
     """Reads a MovieLens release (folder or .zip; default: the bundled ml-latest-small.zip).
 
     Returns (interactions, items, report). Items hold every movie in the movies file, rated or
@@ -75,13 +64,13 @@ def read_movielens(
     """
     source = FileSource(BUNDLED_ZIP if data_dir is None else data_dir)
     variant = detect_variant(source)
-    report = ParseReport(variant=variant)
+    report = tables.ParseReport(variant=variant)
     ratings_name, movies_name = (source.find(f) for f in _VARIANT_FILES[variant])
     report.files = [source.display(ratings_name), source.display(movies_name)]
     items = _read_movies(source, movies_name, variant, report, lenient)
     interactions = _read_ratings(source, ratings_name, variant, report, lenient)
-    interactions = attach_item_categories(interactions, items)
-    items = add_missing_items(items, interactions, report)
+    interactions = tables.attach_item_categories(interactions, items)
+    items = tables.add_missing_items(items, interactions, report)
     return interactions, items, report
 
 
@@ -117,7 +106,7 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
             "item_id": pc.cast(table["item"], pa.string()).to_pandas(),
             "rating": table["rating"].to_numpy(),
             "timestamp": table["timestamp"].to_numpy(),
-            "_source": source_column(display, table.num_rows),
+            "_source": tables.source_column(display, table.num_rows),
             "_line": table["_line"].to_numpy(),
         }
     )
@@ -125,53 +114,37 @@ def _read_ratings(source, name, variant, report, lenient) -> pd.DataFrame:
     users_seen = df["user_id"].nunique()
     lo, hi = RATING_RANGE
     rating = df["rating"].to_numpy()
-    df = reject_rows(df, (rating < lo) | (rating > hi), "rating_out_of_range", report, lenient)
-    df = reject_rows(df, bad_timestamps(df["timestamp"]), TIMESTAMP_RANGE, report, lenient)
-    return finalize_interactions(df, report, lenient, users_seen=users_seen)
+    df = tables.reject_rows(
+        df, (rating < lo) | (rating > hi), "rating_out_of_range", report, lenient
+    )
+    df = tables.reject_rows(
+        df, tables.bad_timestamps(df["timestamp"]), tables.TIMESTAMP_RANGE, report, lenient
+    )
+    return tables.finalize_interactions(df, report, lenient, users_seen=users_seen)
 
 
 def _read_movies(source, name, variant, report, lenient) -> pd.DataFrame:
     display = source.display(name)
     data = source.read(name)
+    cols = ["item", "title", "genres"]
+    types = {"item": pa.int64(), "title": pa.string(), "genres": pa.string()}
+    options: dict[str, Any] = {"delimiter": "\t", "header": False, "quoting": False}
     if variant == "csv":
         data = strip_bad_utf8(data, display, 1, report, lenient)
-        cols = ["item", "title", "genres"]
-        types = {"item": pa.int64(), "title": pa.string(), "genres": pa.string()}
-        table = read_delimited(data, display, cols, types, report, lenient, header=True)
-        genres = split_genres(table["genres"], "|")
+        options = {"header": True}
     elif variant == "dat":
         data = decode_text(data).encode("utf-8").replace(b"::", b"\t")
-        cols = ["item", "title", "genres"]
-        types = {"item": pa.int64(), "title": pa.string(), "genres": pa.string()}
-        table = read_delimited(
-            data,
-            display,
-            cols,
-            types,
-            report,
-            lenient,
-            delimiter="\t",
-            header=False,
-            quoting=False,
-        )
-        genres = split_genres(table["genres"], "|")
-    else:
+    else:  # 100k's u.item: '|'-separated, one 0/1 column per genre
         genre_names = _read_100k_genres(source)
         flags = [f"g{i}" for i in range(len(genre_names))]
         cols = ["item", "title", "release", "video_release", "url", *flags]
         types = {"item": pa.int64(), "title": pa.string()} | {f: pa.int64() for f in flags}
         data = decode_text(data).encode("utf-8")
-        table = read_delimited(
-            data,
-            display,
-            cols,
-            types,
-            report,
-            lenient,
-            delimiter="|",
-            header=False,
-            quoting=False,
-        )
+        options["delimiter"] = "|"
+    table = read_delimited(data, display, cols, types, report, lenient, **options)
+    if variant in ("csv", "dat"):
+        genres = split_genres(table["genres"], "|")
+    else:
         matrix = np.stack([table[f].to_numpy() for f in flags], axis=1) if flags else None
         genres = genres_from_flags(matrix, genre_names)
     report.meta_rows_read += table.num_rows
@@ -183,7 +156,7 @@ def _read_movies(source, name, variant, report, lenient) -> pd.DataFrame:
             "text": "",
         }
     )
-    return finalize_items(df)
+    return tables.finalize_items(df)
 
 
 def split_genres(column: pa.ChunkedArray | pa.Array, sep: str) -> pa.ListArray:
@@ -214,15 +187,17 @@ def genres_from_flags(matrix: np.ndarray | None, names: list[str]) -> pa.ListArr
 def _read_100k_genres(source: FileSource) -> list[str]:
     name = source.find("u.genre")
     if name is None:
-        raise DataError(str(source.root), None, "ml-100k layout without u.genre")
+        raise tables.DataError(str(source.root), None, "ml-100k layout without u.genre")
     names: dict[int, str] = {}
     for i, line in enumerate(decode_text(source.read(name)).splitlines(), start=1):
         if not line.strip():
             continue
         genre, _, index = line.rpartition("|")
         if not index.strip().isdigit():
-            raise DataError(source.display(name), i, f"expected 'name|index', got {shown(line)}")
+            raise tables.DataError(
+                source.display(name), i, f"expected 'name|index', got {tables.shown(line)}"
+            )
         names[int(index)] = genre
     if sorted(names) != list(range(len(names))):
-        raise DataError(source.display(name), None, "genre indices are not 0..n-1")
+        raise tables.DataError(source.display(name), None, "genre indices are not 0..n-1")
     return [names[i] for i in range(len(names))]
