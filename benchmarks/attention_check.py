@@ -3,11 +3,12 @@ r"""``DecoderConfig.attention_implementation`` against our attention, on the mac
   python benchmarks/attention_check.py --implementation=cudnn [--dtype=bfloat16] \
       [--output=results/attention_check_h200.md]
 
-Builds the 100M decoder of ``gin/models/llm/decoder_100m.gin`` twice, once with our attention
-and once with ``--implementation`` (``"cudnn"``: cuDNN's fused attention, NVIDIA GPUs only;
-``"xla"`` runs anywhere), the same parameters in both, and compares on one random batch of 4 x
-512 tokens with padding: the logits of a causal, a padded, a prefix-LM and a packed pass, and
-the gradient of the padded pass's loss. Then it times a forward-and-backward step of each.
+Builds the 100M decoder of ``gin/models/llm/decoder_100m.gin`` (``--llm_gin``) twice, once
+with our attention and once with ``--implementation`` (``"cudnn"``: cuDNN's fused attention,
+NVIDIA GPUs only; ``"xla"`` runs anywhere), the same parameters in both, and compares on one
+random batch of 4 x 512 tokens with padding: the logits of a causal, a padded, a prefix-LM and
+a packed pass, and the gradient of the padded pass's loss. Then it times a forward-and-backward
+step of each.
 ``tests/test_attention_implementation.py`` checks the masks to float32 precision on the CPU;
 this is the check of the kernel itself, in the dtype it runs in.
 """
@@ -39,8 +40,11 @@ def _relative(a: jax.Array, b: jax.Array, mask: np.ndarray | None = None) -> flo
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def measure(implementation: str, dtype: str, steps: int) -> tuple[list[dict], dict]:
-    base = testing.gin_decoder_config("models/llm/decoder_100m.gin", dtype=dtype)
+def measure(
+    implementation: str, dtype: str, steps: int, llm_gin: str = "models/llm/decoder_100m.gin"
+) -> tuple[list[dict], dict]:
+    """(one row per masked pass, {loss and step time of each, largest gradient difference})."""
+    base = testing.gin_decoder_config(llm_gin, dtype=dtype)
     ours = Decoder(dataclasses.replace(base, attention_implementation="ours"))
     other = Decoder(dataclasses.replace(base, attention_implementation=implementation))
     rng = np.random.default_rng(0)
@@ -98,7 +102,7 @@ def measure(implementation: str, dtype: str, steps: int) -> tuple[list[dict], di
 def report(rows: list[dict], timing: dict, args: argparse.Namespace, command: str) -> str:
     other = args.implementation
     lines = [
-        f"# Attention implementation {other!r} against ours (100M decoder, {args.dtype})",
+        f"# Attention implementation {other!r} against ours ({args.llm_gin}, {args.dtype})",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {jax.devices()[0].device_kind} ({jax.default_backend()}); "
@@ -127,9 +131,10 @@ def main() -> None:
     parser.add_argument("--implementation", default="cudnn", choices=["cudnn", "xla"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--llm_gin", default="models/llm/decoder_100m.gin")
     parser.add_argument("--output", default="")
     args = parser.parse_args()
-    rows, timing = measure(args.implementation, args.dtype, args.steps)
+    rows, timing = measure(args.implementation, args.dtype, args.steps, args.llm_gin)
     command = "python benchmarks/attention_check.py " + " ".join(sys.argv[1:])
     publish(report(rows, timing, args, command.strip()), args.output)
 

@@ -142,3 +142,29 @@ def test_config_names_a_wrong_implementation_or_dtype():
         tiny_decoder_config(attention_implementation="cudnn", dtype=dtype)
     with pytest.raises(ValueError, match="cudnn.*not 'float32'"):
         tiny_decoder_config(attention_implementation="cudnn", dtype=jnp.float32)
+
+
+def test_the_kernel_check_benchmark_finds_xla_equal_to_ours():
+    """``benchmarks/attention_check.py`` (the check a GPU runs with "cudnn"), on the tiny gin
+    decoder through "xla": every masked pass and the gradient agree."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_check.py"
+    sys.path.insert(0, str(script.parent))  # its ``from results_file import``
+    spec = importlib.util.spec_from_file_location("attention_check", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, timing = bench.measure("xla", "float32", 1, "models/llm/decoder_tiny.gin")
+    assert [r["case"] for r in rows] == [
+        "causal",
+        "causal, padded",
+        "prefix-LM, padded",
+        "packed (2 segments), padded",
+    ]
+    for r in rows:
+        assert r["logits_rel_diff"] < 1e-5 and r["argmax_agree"] == 1.0, r
+    assert timing["grad_rel_diff_max"] < 1e-4
+    assert abs(timing["ours"]["loss"] - timing["xla"]["loss"]) < 1e-5
+    assert timing["ours"]["step_ms"] > 0 and timing["xla"]["step_ms"] > 0
