@@ -58,7 +58,9 @@ def _files_for(name: str) -> list[str]:
 
 
 def _needs_dataset(files: list[str]) -> bool:
-    return "DATASET" in gin_utils.required_macros(files, gin_utils.DEFAULT_SEARCH_PATHS)
+    """Whether the files read ``%DATASET`` (experiment files and the user encoder's sizes)."""
+    texts = gin_utils.gin_texts(files, gin_utils.DEFAULT_SEARCH_PATHS)
+    return any("%DATASET" in text for text in texts)
 
 
 def _bindings_for(files: list[str]) -> list[str]:

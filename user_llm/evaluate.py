@@ -674,13 +674,16 @@ def main(argv: Sequence[str]) -> None:
     from user_llm import trained_run
 
     del argv
-    run = trained_run.load(FLAGS.checkpoint_dir)
-    for task in FLAGS.tasks:
-        if task not in seqio.MixtureRegistry.names() and task not in seqio.TaskRegistry.names():
-            raise errors.ConfigError(
-                f"--tasks: {task!r} is not a registered SeqIO task or mixture; register it in a "
-                "module and import that module with --module_import (or a gin 'import')"
-            )
+
+    def check_tasks() -> None:  # registered by now: the gin files' imports have run
+        for task in FLAGS.tasks:
+            if task not in seqio.MixtureRegistry.names() and task not in seqio.TaskRegistry.names():
+                raise errors.ConfigError(
+                    f"--tasks: {task!r} is not a registered SeqIO task or mixture; register it "
+                    "in a module and import that module with --module_import (or a gin 'import')"
+                )
+
+    run = trained_run.load(FLAGS.checkpoint_dir, check=check_tasks)
     params, lengths = run.params, run.feature_lengths  # lengths {} for an encoder
     if not FLAGS.tasks:
         raise errors.ConfigError("--tasks is empty: name the registered tasks to evaluate")
@@ -707,7 +710,7 @@ def main(argv: Sequence[str]) -> None:
                 params,
                 task,
                 lengths,
-                converter=pipeline.feature_converter_name(run["train_dataset_cfg"]),
+                converter=pipeline.feature_converter_name(run.dataset),
                 split=FLAGS.split,
                 num_examples=FLAGS.num_examples,
                 batch_size=FLAGS.batch_size,

@@ -222,7 +222,11 @@ def bind_feature_sizes() -> None:
     unset = [m for m in FS.MACROS if _macro_exists(m) and not _macro_is_set(m)]
     if not unset:
         return
-    dataset, length = macro_value("ENCODER_DATASET"), macro_value("HISTORY_LENGTH")
+    try:
+        dataset = macro_value("ENCODER_DATASET")
+    except (ValueError, TypeError):  # a reference to DATASET, which no file or flag set
+        dataset = None
+    length = macro_value("HISTORY_LENGTH")
     if not isinstance(dataset, str):
         raise GinConfigError(
             "The user encoder's vocabulary sizes need the dataset: compose a dataset overlay "

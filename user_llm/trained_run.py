@@ -8,6 +8,7 @@ run's ``--gin_file`` / ``--gin.X=Y`` flags (the same ones it trained with) and s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,17 @@ class TrainedRun:
         return dict(self.dataset.task_feature_lengths)
 
 
-def load(checkpoint_dir: str | Path | None = None) -> TrainedRun:
+def load(
+    checkpoint_dir: str | Path | None = None, check: Callable[[], None] | None = None
+) -> TrainedRun:
     """Parses the entry point's gin flags and reads the newest checkpoint of ``checkpoint_dir``
     (another run or an imported LLM, e.g. for the frozen text-prompt baseline), else of the
-    run's own ``MODEL_DIR``."""
+    run's own ``MODEL_DIR``. ``check`` runs between the two (the gin files' imports have
+    registered their tasks by then), so a wrong flag is named before any checkpoint is read."""
     flags = gin_utils.FLAGS
     gin_utils.parse_gin(flags.gin_file, flags.gin_bindings, flags.gin_search_paths)
+    if check is not None:
+        check()
     run = gin_utils.query_values("train_lib.train", ("model", "train_dataset_cfg", "model_dir"))
     source = str(checkpoint_dir or run["model_dir"])
     params = checkpoints.unflatten(checkpoints.read_params(source))

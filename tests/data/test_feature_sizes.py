@@ -165,3 +165,40 @@ def test_an_unwritable_cache_is_a_warning_and_sizes_still_bind(small_movielens, 
     os.environ[FS.CACHE_ENV_VAR] = str(blocked)  # monkeypatch restores it
     _parse(setting)
     assert _bound()["ITEM_VOCAB_SIZE"] == 9
+
+
+OLD_CONFIG = """
+from __gin__ import dynamic_registration
+from tasks import common as task_common
+from user_llm import user_encoder
+
+ENCODER_DATASET = 'movielens'
+HISTORY_LENGTH = 20
+user_encoder.UserEncoderConfig.categorical_features = \\
+    @categorical/task_common.encoder_feature_sizes()
+user_encoder.UserEncoderConfig.multivalued_features = \\
+    @multivalued/task_common.encoder_feature_sizes()
+categorical/task_common.encoder_feature_sizes.dataset = %ENCODER_DATASET
+categorical/task_common.encoder_feature_sizes.history_length = %HISTORY_LENGTH
+categorical/task_common.encoder_feature_sizes.kind = 'categorical'
+multivalued/task_common.encoder_feature_sizes.dataset = %ENCODER_DATASET
+multivalued/task_common.encoder_feature_sizes.history_length = %HISTORY_LENGTH
+multivalued/task_common.encoder_feature_sizes.kind = 'multivalued'
+"""
+
+
+def test_a_config_gin_from_before_the_macros_still_builds_the_same_encoder(tmp_path, monkeypatch):
+    """Runs made before the sizes became macros saved ``config.gin`` files that call
+    ``tasks.common.encoder_feature_sizes``: they still parse, to the same sizes."""
+    monkeypatch.setenv(FS.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.delenv(FAMILY.env_var, raising=False)
+    old = tmp_path / "config.gin"
+    old.write_text(OLD_CONFIG)
+    try:
+        gin_utils.parse_gin([str(old)], finalize=False)
+        config = gin.get_configurable("user_llm.user_encoder.UserEncoderConfig")()
+    finally:
+        gin.clear_config()
+    sizes = families.feature_sizes(FAMILY, 20)
+    assert dict(config.categorical_features) == sizes.categorical()
+    assert dict(config.multivalued_features) == sizes.multivalued()

@@ -9,6 +9,7 @@ import seqio
 from conftest import run_module
 
 from user_llm.data import families
+from user_llm.data import feature_sizes as FS
 
 LENGTH = 20
 LENGTHS = {"inputs": 2048, "targets": 64}
@@ -46,6 +47,9 @@ def test_builder_writes_every_split_with_the_catalogue(built):
     meta = builder.info.metadata
     assert meta["item_titles"] == [str(t) for t in h.item_titles]
     assert meta["vocabulary_sizes"] == {k: v.size for k, v in h.vocabularies.items()}
+    # Its metadata.json is a feature-sizes file: the reader-backed tasks' sizes.
+    written = FS.read(builder.data_path / "metadata.json", history_length=LENGTH)
+    assert written == families.feature_sizes(families.MOVIELENS, LENGTH)
     assert str(builder.info.version) == "1.0.0"
     first = next(iter(builder.as_dataset(split="test").take(1).as_numpy_iterator()))
     assert first["user_item_titles"].shape == (LENGTH,) and first["candidate_item_ids"].shape == (

@@ -54,6 +54,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from user_llm.data import features as F
+from user_llm.data.feature_sizes import FeatureSizes
 from user_llm.data.histories import SPLITS, Histories, HistoryConfig, HistoryTables
 from user_llm.data.readers.download import MOVIELENS_MD5
 from user_llm.data.task_data import TaskData, read_tables, task_data_from_tables
@@ -158,8 +159,12 @@ def split_examples(data: TaskData, split: str) -> dict[str, np.ndarray]:
 
 
 def catalogue(h: Histories | HistoryTables) -> dict[str, Any]:
-    """The dataset metadata: what reads example ids back (titles, genre names, sizes)."""
+    """The dataset metadata: what reads example ids back (titles, genre names, sizes). Its
+    ``metadata.json`` is also a feature-sizes file (``feature_sizes.read``: the encoder's
+    vocabulary sizes as gin macros, ``--gin.FEATURE_SIZES_FILE``)."""
     return {
+        "history_length": int(h.config.max_history_length),
+        "macros": FeatureSizes.from_histories(h).macros(),
         "item_ids": [str(x) for x in h.item_ids],
         "item_titles": [str(x) for x in h.item_titles],
         "genre_tokens": [str(x) for x in h.vocabularies["genre"].tokens],
