@@ -226,15 +226,16 @@ def bind_feature_sizes() -> None:
         dataset = macro_value("ENCODER_DATASET")
     except (ValueError, TypeError):  # a reference to DATASET, which no file or flag set
         dataset = None
+    dataset = dataset if isinstance(dataset, str) else None
     length = macro_value("HISTORY_LENGTH")
-    if not isinstance(dataset, str):
+    if _macro_is_set("FEATURE_SIZES_FILE"):
+        sizes = FS.read(macro_value("FEATURE_SIZES_FILE"), dataset, length)
+    elif dataset is None:
         raise GinConfigError(
             "The user encoder's vocabulary sizes need the dataset: compose a dataset overlay "
             "after the experiment file (--gin_file=datasets/movielens.gin, gin/datasets/) or "
             f"set --gin.DATASET=... (unset: {', '.join(unset)})"
         )
-    if _macro_is_set("FEATURE_SIZES_FILE"):
-        sizes = FS.read(macro_value("FEATURE_SIZES_FILE"), dataset, length)
     else:
         sizes = families.feature_sizes(families.by_name(dataset), length)
     with gin.unlock_config():
