@@ -675,21 +675,23 @@ def main(argv: Sequence[str]) -> None:
 
     del argv
 
-    def check_tasks() -> None:  # registered by now: the gin files' imports have run
+    def check_flags() -> None:  # tasks are registered by now: the gin files' imports have run
+        if not FLAGS.tasks:
+            raise errors.ConfigError("--tasks is empty: name the registered tasks to evaluate")
         for task in FLAGS.tasks:
             if task not in seqio.MixtureRegistry.names() and task not in seqio.TaskRegistry.names():
                 raise errors.ConfigError(
                     f"--tasks: {task!r} is not a registered SeqIO task or mixture; register it "
                     "in a module and import that module with --module_import (or a gin 'import')"
                 )
+        unknown = set(FLAGS.controls) - set(CONTROLS)
+        if unknown:
+            raise errors.ConfigError(
+                f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}"
+            )
 
-    run = trained_run.load(FLAGS.checkpoint_dir, check=check_tasks)
+    run = trained_run.load(FLAGS.checkpoint_dir, check=check_flags)
     params, lengths = run.params, run.feature_lengths  # lengths {} for an encoder
-    if not FLAGS.tasks:
-        raise errors.ConfigError("--tasks is empty: name the registered tasks to evaluate")
-    unknown = set(FLAGS.controls) - set(CONTROLS)
-    if unknown:
-        raise errors.ConfigError(f"unknown --controls {sorted(unknown)}; use some of {CONTROLS}")
     results = {"checkpoint": run.checkpoint, "tasks": {}}
     for task in FLAGS.tasks:
         if common.is_user_llm_task(task):
